@@ -1,0 +1,39 @@
+//! `prefer`: SFT model + instruction data → DPO-trained LoRA adapter, in one binary.
+//!
+//! Each subcommand lives in its own module under `cmd/`; this file only parses the command
+//! line, sets up logging and turns errors into a message and an exit code.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "prefer", version, about = "SFT model + instruction data → DPO LoRA adapter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Log-probs of completions under a model (DPO's reference pass).
+    Score(cmd::score::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PREFER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Score(args) => cmd::score::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

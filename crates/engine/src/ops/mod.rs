@@ -1,0 +1,23 @@
+//! The ops, one file each: forward, CPU reference, (later) CUDA launcher and backward, tests.
+//!
+//! Conventions: activations are packed `[T, ...]` over all sequences of a batch; a
+//! [`SeqLayout`] says where each sequence starts. Weights use HF's layouts (a linear weight is
+//! `[out, in]`).
+
+mod activation;
+mod attention;
+mod elementwise;
+mod embedding;
+mod linear;
+mod logprobs;
+mod rms_norm;
+mod rope;
+
+pub use activation::{Activation, gated_activation};
+pub use attention::{AttentionOut, AttentionParams, SeqLayout, attention};
+pub use elementwise::{add, add_inplace, scale};
+pub use embedding::embedding;
+pub use linear::linear;
+pub use logprobs::{LogProbChunks, TokenStats, logits, token_logprobs};
+pub use rms_norm::rms_norm;
+pub use rope::{Rope, RopeScaling, rope};
