@@ -1,14 +1,66 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! # sample — vLLM's sampling semantics, one sequence step at a time
+//!
+//! Everything generation needs that does not touch the model: the scheduler (paged KV cache,
+//! continuous batching) runs the model and hands each active sequence its logits row; this
+//! crate turns that row into the next token and keeps the sequence's state.
+//!
+//! - `params`: [`SamplingParams`] with vLLM's names, defaults and checks (including the
+//!   low-temperature clamp: 0 < T < 0.01 becomes 0.01, with a warning), validated into
+//!   [`ValidParams`].
+//! - `processors`: the logits pipeline in vLLM V1's order — min_tokens masking,
+//!   repetition/frequency/presence penalties, temperature, min_p, top_k, top_p.
+//! - `sampler`: greedy argmax (ties → lowest id) or a draw from a per-sequence seeded RNG
+//!   ([`Sampler`], [`SequenceRng`]), with the raw (unprocessed) log-probs vLLM reports by
+//!   default.
+//! - `detok`: [`IncrementalDetokenizer`], which never splits a UTF-8 character.
+//! - `stop`: stop tokens ([`StopTokens`]: EOS, generation_config EOS ids, stop_token_ids)
+//!   and stop strings matched on the text, with vLLM's [`FinishReason`] / [`StopReason`].
+//! - `sequence`: [`SequenceState`], which ties them together behind one `step(logits)`;
+//!   [`step_batch`] steps a whole batch in parallel.
+//!
+//! Reproducibility: each sequence owns its RNG (from its request's seed, or from a global
+//! seed and a stable request key), so its draws do not depend on the rest of the batch.
+//!
+//! ## Example
+//! ```
+//! use std::sync::Arc;
+//! use sample::{NewSequence, Sampler, SamplingParams, SequenceState, StopTokens};
+//! use tokenizers::{Tokenizer, models::bpe::BPE};
+//!
+//! let params = Arc::new(SamplingParams { temperature: 0.0, max_tokens: Some(2), ..Default::default() }
+//!     .validate().unwrap());
+//! let tokenizer = Arc::new(Tokenizer::new(BPE::default()));
+//! let mut seq = SequenceState::new(NewSequence {
+//!     params: params.clone(),
+//!     prompt_ids: vec![0],
+//!     tokenizer,
+//!     stop_tokens: Arc::new(StopTokens::new(&params, Some(3), &[])),
+//!     rng: Sampler::new(0).rng_for(&params, 0, 0),
+//!     max_model_len: None,
+//! }).unwrap();
+//! let out = seq.step(&[0.0, 2.0, 1.0, 0.5]).unwrap(); // greedy: token 1
+//! assert_eq!(out.token.token_id, 1);
+//! assert!(out.finish.is_none());
+//! let out = seq.step(&[0.0, 0.0, 1.0, 0.5]).unwrap();
+//! assert_eq!(seq.output_ids(), &[1, 2]);
+//! assert_eq!(out.finish.unwrap().reason.as_str(), "length"); // max_tokens reached
+//! ```
+
+mod detok;
+mod error;
+mod params;
+mod processors;
+mod sampler;
+mod sequence;
+mod stop;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod test_util;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use detok::IncrementalDetokenizer;
+pub use error::{Result, SampleError};
+pub use params::{GREEDY_TEMPERATURE_EPS, MIN_SAMPLING_TEMPERATURE, SamplingParams, ValidParams};
+pub use processors::TokenHistory;
+pub use sampler::{SampledToken, Sampler, SequenceRng};
+pub use sequence::{Finish, NewSequence, SequenceState, StepOutcome, step_batch};
+pub use stop::{FinishReason, StopReason, StopTokens, TokenStop};

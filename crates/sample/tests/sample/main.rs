@@ -1,0 +1,5 @@
+//! Integration tests of the sample crate: one binary, a module per topic.
+
+mod common;
+mod distribution;
+mod sequences;
