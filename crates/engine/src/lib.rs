@@ -27,5 +27,8 @@ pub mod error;
 pub mod ops;
 pub mod tensor;
 
+#[cfg(test)]
+mod test_util;
+
 pub use error::{EngineError, Result};
 pub use tensor::{Device, Tensor};

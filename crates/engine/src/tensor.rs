@@ -132,10 +132,13 @@ impl Tensor {
 
     /// Checks the rank and returns the dims, naming the op and the dims' meaning in the error.
     pub fn dims<const N: usize>(&self, op: &'static str, legend: &str) -> Result<[usize; N]> {
-        self.shape.as_slice().try_into().map_err(|_| EngineError::Shape {
-            op,
-            expected: legend.to_string(),
-            got: self.shape.clone(),
-        })
+        self.shape
+            .as_slice()
+            .try_into()
+            .map_err(|_| EngineError::Shape {
+                op,
+                expected: legend.to_string(),
+                got: self.shape.clone(),
+            })
     }
 }

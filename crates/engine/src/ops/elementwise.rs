@@ -1,20 +1,92 @@
 //! Elementwise ops: residual adds and scaling.
-use crate::{Result, Tensor};
+use rayon::prelude::*;
+
+use crate::{EngineError, Result, Tensor};
+
+/// Below this many elements a loop on one thread beats rayon's fork/join.
+const PAR_MIN: usize = 1 << 15;
+/// Elements per rayon task: large enough to amortise the task, small enough to balance.
+const PAR_CHUNK: usize = 1 << 13;
 
 /// a + b, same shapes.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let _ = (a, b);
-    unimplemented!()
+    let mut out = a.clone();
+    add_inplace(&mut out, b)?;
+    Ok(out)
 }
 
 /// a += b, same shapes.
 pub fn add_inplace(a: &mut Tensor, b: &Tensor) -> Result<()> {
-    let _ = (a, b);
-    unimplemented!()
+    if a.shape() != b.shape() {
+        return Err(EngineError::Shape {
+            op: "add",
+            expected: format!("b of a's shape {:?}", a.shape()),
+            got: b.shape().to_vec(),
+        });
+    }
+    let b = b.as_slice()?;
+    let a = a.as_mut_slice()?;
+    let kernel = |a: &mut [f32], b: &[f32]| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b);
+    if a.len() < PAR_MIN {
+        kernel(a, b);
+    } else {
+        a.par_chunks_mut(PAR_CHUNK)
+            .zip(b.par_chunks(PAR_CHUNK))
+            .for_each(|(a, b)| kernel(a, b));
+    }
+    Ok(())
 }
 
 /// x · s.
 pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
-    let _ = (x, s);
-    unimplemented!()
+    let mut out = x.clone();
+    let y = out.as_mut_slice()?;
+    let kernel = |y: &mut [f32]| y.iter_mut().for_each(|y| *y *= s);
+    if y.len() < PAR_MIN {
+        kernel(y);
+    } else {
+        y.par_chunks_mut(PAR_CHUNK).for_each(kernel);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::Rng;
+
+    #[test]
+    fn add_and_scale_match_a_plain_loop() {
+        let mut rng = Rng::new(4);
+        // One size below and one above the parallel threshold, neither a multiple of the chunk.
+        for n in [7usize, PAR_MIN + 12_345] {
+            let a = rng.vec(n, -1.0, 1.0);
+            let b = rng.vec(n, -1.0, 1.0);
+            let at = Tensor::from_vec(a.clone(), &[n]).unwrap();
+            let bt = Tensor::from_vec(b.clone(), &[n]).unwrap();
+            let sum = add(&at, &bt).unwrap();
+            let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            assert_eq!(sum.as_slice().unwrap(), want.as_slice());
+            // `add` must not touch its input (the storage is shared until written).
+            assert_eq!(at.as_slice().unwrap(), a.as_slice());
+            let mut acc = at.clone();
+            add_inplace(&mut acc, &bt).unwrap();
+            assert_eq!(acc.as_slice().unwrap(), want.as_slice());
+            let scaled = scale(&at, -0.37).unwrap();
+            let want: Vec<f32> = a.iter().map(|x| x * -0.37).collect();
+            assert_eq!(scaled.as_slice().unwrap(), want.as_slice());
+        }
+    }
+
+    #[test]
+    fn shape_mismatch_is_an_error() {
+        let a = Tensor::zeros(&[2, 3]);
+        let b = Tensor::zeros(&[3, 2]);
+        assert!(matches!(add(&a, &b), Err(EngineError::Shape { .. })));
+        let mut a = a;
+        assert!(matches!(
+            add_inplace(&mut a, &b),
+            Err(EngineError::Shape { .. })
+        ));
+    }
 }

@@ -13,11 +13,11 @@ mod logprobs;
 mod rms_norm;
 mod rope;
 
-pub use activation::{Activation, gated_activation};
+pub use activation::{Activation, gated_activation, gated_activation_packed};
 pub use attention::{AttentionOut, AttentionParams, SeqLayout, attention};
 pub use elementwise::{add, add_inplace, scale};
 pub use embedding::embedding;
 pub use linear::linear;
 pub use logprobs::{LogProbChunks, TokenStats, logits, token_logprobs};
-pub use rms_norm::rms_norm;
-pub use rope::{Rope, RopeScaling, rope};
+pub use rms_norm::{add_rms_norm, rms_norm};
+pub use rope::{Rope, RopeScaling, rope, rope_qkv_split};
