@@ -28,6 +28,9 @@ pub enum EngineError {
     /// An argument that is not a shape problem (a chunk size of zero, an empty batch...).
     #[error("{op}: {msg}")]
     Arg { op: &'static str, msg: String },
+    /// The CUDA backend failed (missing library, driver, NVRTC, cuBLASLt, memory).
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
     /// The op is not available on this device yet.
     #[error("{op} is not available on {device}")]
     Unsupported { op: &'static str, device: String },

@@ -1,8 +1,9 @@
 //! # engine — tensors on a device, and the ops a decoder needs
 //!
-//! Every op lives in one file under [`ops`]: its CPU reference (f32, rayon) and, once the
-//! CUDA backend lands, the launcher of its kernel (`kernels/<op>.cu`). The CPU path is the
-//! reference that every CUDA kernel is tested against, and what CI runs.
+//! Every op lives in one file under [`ops`]: its CPU reference (f32, rayon), which hands over
+//! to the op's CUDA launcher (`cuda/ops/<op>.rs`, kernels in `kernels/<op>.cu`) when its
+//! inputs are on a GPU ([`cuda`] describes that backend). The CPU path is the reference that
+//! every CUDA kernel is tested against, and what CI runs.
 //!
 //! There is no general autograd. Each op will get an explicit input-gradient function beside
 //! its forward (the DPO trainer recomputes a decoder layer in backward instead of keeping its
@@ -23,6 +24,7 @@
 //! assert_eq!(y.shape(), &[2, 2]);
 //! ```
 
+pub mod cuda;
 pub mod error;
 pub mod ops;
 pub mod tensor;

@@ -1,6 +1,7 @@
 //! Gated MLP activation: `act(gate) * up`.
 use rayon::prelude::*;
 
+use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
 /// The activation a config names (`hidden_act` / `hidden_activation`).
@@ -19,6 +20,9 @@ const PAR_CHUNK: usize = 1 << 12;
 
 /// `act(gate) * up`. gate, up: [T, I] → [T, I].
 pub fn gated_activation(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("gated_activation", &[("gate", gate), ("up", up)])? {
+        return cuda_ops::activation::gated_activation(&gpu, gate, up, act);
+    }
     const OP: &str = "gated_activation";
     let [t, i] = gate.dims(OP, "gate: [T, I]")?;
     up.expect_shape(OP, &[t, i])?;
@@ -37,6 +41,9 @@ pub fn gated_activation(gate: &Tensor, up: &Tensor, act: Activation) -> Result<T
 /// act(gu[:, ..I]) · gu[:, I..]; gu: [T, 2I] (gate columns first, as one fused gate+up
 /// projection writes them) → [T, I].
 pub fn gated_activation_packed(gu: &Tensor, act: Activation) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("gated_activation_packed", &[("gu", gu)])? {
+        return cuda_ops::activation::gated_activation_packed(&gpu, gu, act);
+    }
     const OP: &str = "gated_activation_packed";
     let [t, two_i] = gu.dims(OP, "gu: [T, 2I]")?;
     if two_i % 2 != 0 {

@@ -9,6 +9,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::linear::{Strided, StridedRef, gemm_strided};
+use crate::cuda::AttentionKernel;
+use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
 /// Where each sequence's queries and keys sit in the packed tensors.
@@ -119,6 +121,17 @@ pub fn attention(
     layout: &SeqLayout,
     params: &AttentionParams,
 ) -> Result<AttentionOut> {
+    if let Some(gpu) = cuda_ops::device_of("attention", &[("q", q), ("k", k), ("v", v)])? {
+        return cuda_ops::attention::attention(
+            &gpu,
+            q,
+            k,
+            v,
+            layout,
+            params,
+            AttentionKernel::Auto,
+        );
+    }
     const OP: &str = "attention";
     let [tq, h, d] = q.dims(OP, "q: [Tq, H, D]")?;
     let [tkv, hkv, dk] = k.dims(OP, "k: [Tkv, Hkv, D]")?;

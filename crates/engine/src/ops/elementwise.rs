@@ -1,6 +1,7 @@
 //! Elementwise ops: residual adds and scaling.
 use rayon::prelude::*;
 
+use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
 /// Below this many elements a loop on one thread beats rayon's fork/join.
@@ -10,6 +11,9 @@ const PAR_CHUNK: usize = 1 << 13;
 
 /// a + b, same shapes.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("add", &[("a", a), ("b", b)])? {
+        return cuda_ops::elementwise::add(&gpu, a, b);
+    }
     let mut out = a.clone();
     add_inplace(&mut out, b)?;
     Ok(out)
@@ -17,6 +21,9 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// a += b, same shapes.
 pub fn add_inplace(a: &mut Tensor, b: &Tensor) -> Result<()> {
+    if let Some(gpu) = cuda_ops::device_of("add", &[("a", a), ("b", b)])? {
+        return cuda_ops::elementwise::add_inplace(&gpu, a, b);
+    }
     if a.shape() != b.shape() {
         return Err(EngineError::Shape {
             op: "add",
@@ -39,6 +46,9 @@ pub fn add_inplace(a: &mut Tensor, b: &Tensor) -> Result<()> {
 
 /// x · s.
 pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("scale", &[("x", x)])? {
+        return cuda_ops::elementwise::scale(&gpu, x, s);
+    }
     let mut out = x.clone();
     let y = out.as_mut_slice()?;
     let kernel = |y: &mut [f32]| y.iter_mut().for_each(|y| *y *= s);

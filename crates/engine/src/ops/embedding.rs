@@ -1,4 +1,5 @@
 //! Token embedding lookup.
+use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
 /// table: [V, C], ids: [T] → [T, C], each row multiplied by `scale` (Gemma: sqrt(C); else 1).
@@ -7,6 +8,9 @@ use crate::{EngineError, Result, Tensor};
 /// HF computes Gemma's scale in the model dtype; a caller matching a bf16 model passes the
 /// bf16-rounded value.
 pub fn embedding(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("embedding", &[("table", table)])? {
+        return cuda_ops::embedding::embedding(&gpu, table, ids, scale);
+    }
     const OP: &str = "embedding";
     let [v, c] = table.dims(OP, "table: [V, C]")?;
     let table = table.as_slice()?;

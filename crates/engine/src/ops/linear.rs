@@ -4,10 +4,18 @@
 //! the shared `A · Bᵀ` kernel that the chunked log-prob op reuses on vocabulary slices.
 use gemm::Parallelism;
 
+use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
 /// x: [T, K], w: [N, K], bias: [N] → [T, N].
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let on: &[(&str, &Tensor)] = match bias {
+        Some(b) => &[("x", x), ("w", w), ("bias", b)],
+        None => &[("x", x), ("w", w)],
+    };
+    if let Some(gpu) = cuda_ops::device_of("linear", on)? {
+        return cuda_ops::linear::linear(&gpu, x, w, bias);
+    }
     const OP: &str = "linear";
     let [t, k] = x.dims(OP, "x: [T, K]")?;
     let [n, kw] = w.dims(OP, "w: [N, K]")?;

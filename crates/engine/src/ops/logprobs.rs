@@ -11,6 +11,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::linear::matmul_nt;
+use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
 /// Chunk sizes over tokens and vocabulary; their product bounds the scratch memory.
@@ -51,6 +52,17 @@ pub fn token_logprobs(
     final_softcap: Option<f32>,
     chunks: LogProbChunks,
 ) -> Result<TokenStats> {
+    if let Some(gpu) = cuda_ops::device_of("token_logprobs", &[("hidden", hidden), ("head", head)])?
+    {
+        return cuda_ops::logprobs::token_logprobs(
+            &gpu,
+            hidden,
+            head,
+            targets,
+            final_softcap,
+            chunks,
+        );
+    }
     const OP: &str = "token_logprobs";
     let (t, v, c) = check_head(OP, hidden, head, final_softcap)?;
     if targets.len() != t {
@@ -130,6 +142,9 @@ pub fn token_logprobs(
 
 /// Full logits for a few rows (sampling): hidden [B, C], head [V, C] → [B, V], soft-capped.
 pub fn logits(hidden: &Tensor, head: &Tensor, final_softcap: Option<f32>) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("logits", &[("hidden", hidden), ("head", head)])? {
+        return cuda_ops::logprobs::logits(&gpu, hidden, head, final_softcap);
+    }
     const OP: &str = "logits";
     let (b, v, c) = check_head(OP, hidden, head, final_softcap)?;
     let mut out = vec![0.0f32; b * v]; // [B, V]

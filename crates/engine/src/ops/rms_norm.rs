@@ -1,6 +1,7 @@
 //! RMSNorm: y = x / sqrt(mean(x²) + eps) · (offset + w).
 use rayon::prelude::*;
 
+use crate::cuda::ops as cuda_ops;
 use crate::{Result, Tensor};
 
 /// x: [T, C], w: [C] → [T, C]. `weight_offset` is 0 for llama/qwen2/mistral and 1 for
@@ -10,6 +11,9 @@ use crate::{Result, Tensor};
 /// The mean of squares is accumulated in f64 and rounded once: torch reduces with pairwise
 /// sums, so this is at least as close to the exact value as HF is.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, weight_offset: f32) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("rms_norm", &[("x", x), ("w", w)])? {
+        return cuda_ops::rms_norm::rms_norm(&gpu, x, w, eps, weight_offset);
+    }
     const OP: &str = "rms_norm";
     let [t, c] = x.dims(OP, "x: [T, C]")?;
     w.expect_shape(OP, &[c])?;
@@ -45,6 +49,10 @@ pub fn add_rms_norm(
     eps: f32,
     weight_offset: f32,
 ) -> Result<(Tensor, Tensor)> {
+    let on = [("x", x), ("residual", residual), ("w", w)];
+    if let Some(gpu) = cuda_ops::device_of("add_rms_norm", &on)? {
+        return cuda_ops::rms_norm::add_rms_norm(&gpu, x, residual, w, eps, weight_offset);
+    }
     x.dims::<2>("add_rms_norm", "x: [T, C]")?;
     residual.expect_shape("add_rms_norm", x.shape())?;
     let sum = super::add(x, residual)?;

@@ -6,6 +6,7 @@
 //! where libm's `powf`/`cos`/`sin` and torch's vectorised ones round differently.
 use rayon::prelude::*;
 
+use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
 /// `rope_scaling` / `rope_parameters` kinds.
@@ -111,6 +112,9 @@ fn llama3_inv_freq(
 /// y_i = x_i·cos − x_{i+D/2}·sin and y_{i+D/2} = x_{i+D/2}·cos + x_i·sin, where the angle
 /// is `inv_freq[i] · pos` rounded to f32 (HF's f32 matmul of one product).
 pub fn rope(x: &mut Tensor, positions: &[u32], rope: &Rope) -> Result<()> {
+    if let Some(gpu) = cuda_ops::device_of("rope", &[("x", x)])? {
+        return cuda_ops::rope::rope(&gpu, x, positions, rope);
+    }
     const OP: &str = "rope";
     let [t, heads, d] = x.dims(OP, "x: [T, heads, D]")?;
     let half = rope.inv_freq.len();
@@ -169,6 +173,9 @@ pub fn rope_qkv_split(
     positions: &[u32],
     rope_t: &Rope,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if let Some(gpu) = cuda_ops::device_of("rope_qkv_split", &[("qkv", qkv)])? {
+        return cuda_ops::rope::rope_qkv_split(&gpu, qkv, heads, kv_heads, positions, rope_t);
+    }
     const OP: &str = "rope_qkv_split";
     let [t, width] = qkv.dims(OP, "qkv: [T, (H + 2·Hkv)·D]")?;
     let all = heads + 2 * kv_heads;

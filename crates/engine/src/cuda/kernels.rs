@@ -1,0 +1,94 @@
+//! The kernel sources (kernels/*.cu, embedded at build time) and how they are compiled.
+//!
+//! One CUDA module per op family; each is compiled by NVRTC on first use, for the device's
+//! architecture, and cached on disk (see [`super::cache`]).
+
+use super::nvrtc::Arch;
+
+/// In-memory headers every module may `#include`.
+pub(crate) const HEADERS: &[(&str, &str)] =
+    &[("common.cuh", include_str!("../../kernels/common.cuh"))];
+
+/// A CUDA module: one `kernels/<name>.cu` file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Module {
+    Elementwise,
+    Activation,
+    Embedding,
+    RmsNorm,
+    Rope,
+    Attention,
+    Logprobs,
+}
+
+impl Module {
+    /// Every module, in the order `prefer kernels` reports them.
+    pub const ALL: [Module; 7] = [
+        Module::Elementwise,
+        Module::Activation,
+        Module::Embedding,
+        Module::RmsNorm,
+        Module::Rope,
+        Module::Attention,
+        Module::Logprobs,
+    ];
+
+    /// The file stem under kernels/.
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Elementwise => "elementwise",
+            Module::Activation => "activation",
+            Module::Embedding => "embedding",
+            Module::RmsNorm => "rms_norm",
+            Module::Rope => "rope",
+            Module::Attention => "attention",
+            Module::Logprobs => "logprobs",
+        }
+    }
+
+    pub(crate) fn source(self) -> &'static str {
+        match self {
+            Module::Elementwise => include_str!("../../kernels/elementwise.cu"),
+            Module::Activation => include_str!("../../kernels/activation.cu"),
+            Module::Embedding => include_str!("../../kernels/embedding.cu"),
+            Module::RmsNorm => include_str!("../../kernels/rms_norm.cu"),
+            Module::Rope => include_str!("../../kernels/rope.cu"),
+            Module::Attention => include_str!("../../kernels/attention.cu"),
+            Module::Logprobs => include_str!("../../kernels/logprobs.cu"),
+        }
+    }
+
+    /// The `extern "C"` kernels the module defines; checked after every compile so a renamed
+    /// kernel fails at build (CI) time, not at its first launch.
+    pub(crate) fn kernels(self) -> &'static [&'static str] {
+        match self {
+            Module::Elementwise => &["add_bf16", "scale_bf16", "softcap_f32"],
+            Module::Activation => &["gated_act_bf16", "gated_act_packed_bf16"],
+            Module::Embedding => &["embedding_bf16"],
+            Module::RmsNorm => &["rms_norm_bf16", "add_rms_norm_bf16"],
+            Module::Rope => &["rope_bf16", "rope_qkv_split_bf16"],
+            Module::Attention => &[
+                "attention_fwd_d64_m1",
+                "attention_fwd_d64_m2",
+                "attention_fwd_d80_m1",
+                "attention_fwd_d80_m2",
+                "attention_fwd_d96_m1",
+                "attention_fwd_d96_m2",
+                "attention_fwd_d128_m1",
+                "attention_fwd_d256_m1",
+                "attention_simple",
+            ],
+            Module::Logprobs => &["logprob_init", "logprob_chunk", "logprob_finish"],
+        }
+    }
+}
+
+/// NVRTC flags for one architecture. Precise division and square root stay on (the CPU
+/// reference is f32); hot paths use explicit fast intrinsics where their error is harmless.
+pub(crate) fn options(arch: Arch) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "--fmad=true".to_string(),
+    ]
+}

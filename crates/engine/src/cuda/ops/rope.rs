@@ -1,0 +1,140 @@
+//! Rotary position embedding on the GPU (kernels/rope.cu): in place, and fused into the
+//! split of a fused QKV projection.
+
+use std::sync::Arc;
+
+use super::{bf16_ptr, empty, grid_stride, to_i32};
+use crate::cuda::device::{CudaBackend, params};
+use crate::cuda::kernels::Module;
+use crate::cuda::storage::DType;
+use crate::ops::Rope;
+use crate::{EngineError, Result, Tensor};
+
+const BLOCK: u32 = 256;
+
+fn check_rope(
+    op: &'static str,
+    head_dim: usize,
+    positions: &[u32],
+    tokens: usize,
+    rope: &Rope,
+) -> Result<()> {
+    if !head_dim.is_multiple_of(2) || rope.inv_freq.len() != head_dim / 2 {
+        return Err(EngineError::Arg {
+            op,
+            msg: format!(
+                "head dim {head_dim} needs an even size and {} inverse frequencies, got {}",
+                head_dim / 2,
+                rope.inv_freq.len()
+            ),
+        });
+    }
+    if positions.len() != tokens {
+        return Err(EngineError::Arg {
+            op,
+            msg: format!("{} positions for {tokens} tokens", positions.len()),
+        });
+    }
+    Ok(())
+}
+
+/// Rotates x: [T, heads, D] in place.
+pub(crate) fn rope(
+    backend: &Arc<CudaBackend>,
+    x: &mut Tensor,
+    positions: &[u32],
+    rope: &Rope,
+) -> Result<()> {
+    const OP: &str = "rope";
+    let [tokens, heads, d] = x.dims(OP, "x: [T, heads, D]")?;
+    check_rope(OP, d, positions, tokens, rope)?;
+    bf16_ptr(OP, "x", x)?;
+    if tokens * heads * d == 0 {
+        return Ok(());
+    }
+    let len = x.len();
+    if let Some(s) = x.cuda_mut() {
+        s.make_exclusive(len)?;
+    }
+    let px = bf16_ptr(OP, "x", x)?;
+    let pos = backend.upload(positions)?;
+    let freq = backend.upload(&rope.inv_freq)?;
+    let (pp, pf) = (pos.ptr(), freq.ptr());
+    let kernel = backend.kernel(Module::Rope, "rope_bf16")?;
+    let tokens64 = tokens as i64;
+    let heads32 = to_i32(OP, "heads", heads)?;
+    let d32 = to_i32(OP, "head_dim", d)?;
+    let scaling = rope.attention_scaling;
+    let grid = grid_stride(backend, tokens * heads * d / 2, BLOCK);
+    // SAFETY: x holds T·heads·D bf16, pos T u32, freq D/2 f32; the uploads return to the
+    // arena only after the launch is queued.
+    unsafe {
+        backend.launch(
+            &kernel,
+            (grid, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &mut params![px, pp, pf, tokens64, heads32, d32, scaling],
+        )
+    }?;
+    Ok(())
+}
+
+/// Splits a fused projection qkv: [T, (H + 2·Hkv)·D] into q: [T, H, D], k, v: [T, Hkv, D],
+/// rotating q and k: one pass instead of three copies and two RoPE passes.
+pub(crate) fn rope_qkv_split(
+    backend: &Arc<CudaBackend>,
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    positions: &[u32],
+    rope: &Rope,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "rope_qkv_split";
+    let [tokens, width] = qkv.dims(OP, "qkv: [T, (H + 2·Hkv)·D]")?;
+    let all = heads + 2 * kv_heads;
+    if all == 0 || width % all != 0 {
+        return Err(EngineError::Shape {
+            op: OP,
+            expected: format!("qkv: [T, (H + 2·Hkv)·D] with H = {heads}, Hkv = {kv_heads}"),
+            got: qkv.shape().to_vec(),
+        });
+    }
+    let d = width / all;
+    check_rope(OP, d, positions, tokens, rope)?;
+    let pqkv = bf16_ptr(OP, "qkv", qkv)?;
+    let q = empty(backend, &[tokens, heads, d], DType::Bf16)?;
+    let k = empty(backend, &[tokens, kv_heads, d], DType::Bf16)?;
+    let v = empty(backend, &[tokens, kv_heads, d], DType::Bf16)?;
+    if tokens * d == 0 {
+        return Ok((q, k, v));
+    }
+    let (pq, pk, pv) = (
+        bf16_ptr(OP, "q", &q)?,
+        bf16_ptr(OP, "k", &k)?,
+        bf16_ptr(OP, "v", &v)?,
+    );
+    let pos = backend.upload(positions)?;
+    let freq = backend.upload(&rope.inv_freq)?;
+    let (pp, pf) = (pos.ptr(), freq.ptr());
+    let kernel = backend.kernel(Module::Rope, "rope_qkv_split_bf16")?;
+    let tokens64 = tokens as i64;
+    let heads32 = to_i32(OP, "heads", heads)?;
+    let kv32 = to_i32(OP, "kv_heads", kv_heads)?;
+    let d32 = to_i32(OP, "head_dim", d)?;
+    let scaling = rope.attention_scaling;
+    let grid = grid_stride(backend, tokens * all * d / 2, BLOCK);
+    // SAFETY: qkv holds T·(H+2Hkv)·D bf16; q, k, v their shapes; pos T u32; freq D/2 f32.
+    unsafe {
+        backend.launch(
+            &kernel,
+            (grid, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &mut params![
+                pq, pk, pv, pqkv, pp, pf, tokens64, heads32, kv32, d32, scaling
+            ],
+        )
+    }?;
+    Ok((q, k, v))
+}
