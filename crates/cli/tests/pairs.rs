@@ -1,0 +1,681 @@
+//! `prefer pairs` end to end: fixtures written by pyarrow / openpyxl / datasets
+//! (tools/gen_data_fixtures.py), the expected pairs computed independently in Python, a
+//! round trip through `datasets.load_dataset`, and bad inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data")
+}
+
+/// A scratch folder removed on drop (the cli crate has no tempfile dependency).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let p =
+            std::env::temp_dir().join(format!("prefer-pairs-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+    /// Entries of the folder (to prove no temp output was left behind).
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn prefer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .args(args)
+        .output()
+        .expect("run prefer")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+        .unwrap()
+}
+
+/// (prompt, chosen, rejected) rows of a written split, read back with our own parquet reader.
+fn read_split(folder: &Path, split: &str, ext: &str) -> Vec<[String; 3]> {
+    let path = folder.join(format!("data/{split}-00000-of-00001.{ext}"));
+    let table = data::ingest::open(&data::ingest::SourceSpec::plain(&path), None).unwrap();
+    table
+        .rows
+        .iter()
+        .map(|r| {
+            let t = |i: usize| match &r[i] {
+                data::cell::Cell::Text(s) => s.clone(),
+                other => panic!("not text: {other:?}"),
+            };
+            [t(0), t(1), t(2)]
+        })
+        .collect()
+}
+
+fn expected_split(split: &str) -> Vec<[String; 3]> {
+    expected()["pairs"][split]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap().to_string();
+            [s("prompt"), s("chosen"), s("rejected")]
+        })
+        .collect()
+}
+
+fn reference_run(out: &Path, extra: &[&str]) -> Output {
+    let f = fixtures();
+    let gold_train = format!("train={}", f.join("train.parquet").display());
+    let gold_xlsx = format!(
+        "train={}:instruction=질문,output=답변",
+        f.join("extra.xlsx").display()
+    );
+    let gold_valid = format!("validation={}", f.join("validation.parquet").display());
+    let samples = f.join("samples.jsonl").display().to_string();
+    let out = out.display().to_string();
+    let mut args = vec![
+        "pairs",
+        "--gold",
+        &gold_train,
+        "--gold",
+        &gold_xlsx,
+        "--gold",
+        &gold_valid,
+        "--samples",
+        &samples,
+        "--out",
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    prefer(&args)
+}
+
+#[test]
+fn reference_workflow_sources_give_the_expected_pairs_and_report() {
+    let dir = Scratch::new("reference");
+    let out = dir.path("pairs");
+    let run = reference_run(&out, &[]);
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    // Prompts equal the reference workflow's f-string byte for byte (rendered in Python).
+    assert_eq!(
+        read_split(&out, "train", "parquet"),
+        expected_split("train")
+    );
+    assert_eq!(
+        read_split(&out, "validation", "parquet"),
+        expected_split("validation")
+    );
+    // Each filter counted once; conversions and drops per source.
+    assert!(stdout.contains("1 truncated (finish_reason length), 1 empty rejected, 1 rejected identical to chosen, 1 duplicate (prompt, chosen, rejected), 8 kept"), "{stdout}");
+    assert!(stdout.contains("extra.xlsx[SFT]: 5 rows read, 4 kept; 1 dropped (empty output); 2 output cells converted from numbers"), "{stdout}");
+    assert!(
+        stdout.contains("train.parquet: 6 rows read, 4 kept; 2 dropped (empty output)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("samples: 15 read, 1 matched no gold row"),
+        "{stdout}"
+    );
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("  - name: train\n    num_bytes: ") && card.contains("    num_examples: 8\n"),
+        "{card}"
+    );
+    assert!(card.contains("## Filter report"), "{card}");
+    assert_eq!(dir.entries(), vec!["pairs"], "no temp folder left");
+
+    // Parquet rows carry ids, xlsx rows get prefer sample's FILE:ROW ids: every join key
+    // finds the same pairs.
+    for join in ["id", "prompt"] {
+        let run = reference_run(&out, &["--overwrite", "--join", join]);
+        assert!(run.status.success(), "{join}: {}", text(&run).1);
+        assert_eq!(
+            read_split(&out, "train", "parquet"),
+            expected_split("train"),
+            "--join {join}"
+        );
+    }
+
+    // Refuses to overwrite, then overwrites on request.
+    let again = reference_run(&out, &[]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).1.contains("already exists (pass --overwrite"),
+        "{}",
+        text(&again).1
+    );
+    let again = reference_run(
+        &out,
+        &["--overwrite", "--schema", "reference", "--format", "jsonl"],
+    );
+    assert!(again.status.success(), "{}", text(&again).1);
+    let line = std::fs::read_to_string(out.join("data/train-00000-of-00001.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["question"].as_str().unwrap(),
+        expected_split("train")[0][0]
+    );
+    assert!(
+        line.lines().next().unwrap().starts_with("{\"question\":"),
+        "schema order kept"
+    );
+    assert!(
+        !out.join("data/train-00000-of-00001.parquet").exists(),
+        "old output replaced whole"
+    );
+    assert_eq!(dir.entries(), vec!["pairs"]);
+}
+
+#[test]
+fn every_ingest_format_reads_the_same_rows() {
+    let f = fixtures();
+    let want: Vec<[String; 3]> = expected_split("train").into_iter().take(4).collect();
+    let specs = [
+        format!("train={}", f.join("gold.csv").display()),
+        format!("train={}", f.join("gold.tsv").display()),
+        format!("train={}", f.join("gold.json").display()),
+        format!("train={}", f.join("gold.jsonl").display()),
+        format!("train={}", f.join("disk").display()),
+        format!("train={}:split=train", f.join("disk").display()),
+        format!("train={}", f.join("disk/train").display()),
+    ];
+    for (i, spec) in specs.iter().enumerate() {
+        let dir = Scratch::new(&format!("formats{i}"));
+        let out = dir.path("o");
+        let samples = f.join("samples.jsonl").display().to_string();
+        let run = prefer(&[
+            "pairs",
+            "--gold",
+            spec,
+            "--samples",
+            &samples,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "{spec}: {}", text(&run).1);
+        assert_eq!(read_split(&out, "train", "parquet"), want, "{spec}");
+    }
+}
+
+#[test]
+fn xlsx_second_sheet_and_mapping() {
+    let f = fixtures();
+    let dir = Scratch::new("sheet");
+    let samples = dir.path("s.jsonl");
+    let prompt = data::template::korean("추가 시트 질문입니다");
+    std::fs::write(
+        &samples,
+        format!(
+            "{}\n",
+            serde_json::json!({"prompt": prompt, "response": "모델 답"})
+        ),
+    )
+    .unwrap();
+    let spec = format!(
+        "{}:sheet=추가,output=response",
+        f.join("extra.xlsx").display()
+    );
+    let out = dir.path("o");
+    let run = prefer(&[
+        "pairs",
+        "--gold",
+        &spec,
+        "--samples",
+        samples.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", text(&run).1);
+    assert_eq!(
+        read_split(&out, "train", "parquet"),
+        vec![[
+            prompt,
+            "추가 시트 답변입니다".to_string(),
+            "모델 답".to_string()
+        ]]
+    );
+}
+
+/// Runs `prefer pairs` on one bad gold file and checks: exit ≠ 0, the message, no output.
+fn assert_bad_gold(name: &str, bytes: &[u8], spec_suffix: &str, expect: &[&str]) {
+    let dir = Scratch::new(&format!("bad-{name}"));
+    let gold = dir.path(name);
+    std::fs::write(&gold, bytes).unwrap();
+    let samples = fixtures().join("samples.jsonl");
+    let spec = format!("{}{spec_suffix}", gold.display());
+    let out = dir.path("o");
+    let run = prefer(&[
+        "pairs",
+        "--gold",
+        &spec,
+        "--samples",
+        samples.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&run);
+    assert!(!run.status.success(), "{name} should fail");
+    for e in expect {
+        assert!(stderr.contains(e), "{name}: expected {e:?} in {stderr}");
+    }
+    assert!(!out.exists(), "{name}: no output");
+    assert_eq!(
+        dir.entries(),
+        vec![name.to_string()],
+        "{name}: no temp output"
+    );
+}
+
+#[test]
+fn bad_inputs_fail_clearly_without_output() {
+    assert_bad_gold(
+        "malformed.jsonl",
+        "{\"instruction\":\"가\",\"output\":\"나\"}\n{\"instruction\": \"다\", \"output\" \"라\"}\n".as_bytes(),
+        "",
+        &["malformed.jsonl: line 2, column", "malformed JSON"],
+    );
+    assert_bad_gold(
+        "cols.jsonl",
+        "{\"질문\":\"가\",\"답변\":\"나\"}\n".as_bytes(),
+        ":instruction=질문,output=response",
+        &[
+            "no column 'response' (mapped to output)",
+            "columns are: 질문, 답변",
+        ],
+    );
+    assert_bad_gold(
+        "mixed.jsonl",
+        "{\"instruction\":\"가\",\"output\":\"나\"}\n{\"instruction\":\"다\",\"output\":[\"라\"]}\n".as_bytes(),
+        "",
+        &["mixed.jsonl: line 2, column 'output': expected text, found a list"],
+    );
+    assert_bad_gold(
+        "utf8.csv",
+        b"instruction,output\n\xea\xb0\x80,ok\nbad,\xff\xfe\n",
+        "",
+        &["utf8.csv: line 3, column 2 (output): invalid UTF-8"],
+    );
+    assert_bad_gold("empty.jsonl", b"", "", &["empty.jsonl: file is empty"]);
+    assert_bad_gold(
+        "header.csv",
+        b"instruction,output\n",
+        "",
+        &["header.csv: no data rows"],
+    );
+    let xlsx = std::fs::read(fixtures().join("extra.xlsx")).unwrap();
+    assert_bad_gold(
+        "sheet.xlsx",
+        &xlsx,
+        ":sheet=없는시트",
+        &["no sheet '없는시트'; sheets are: SFT, 추가"],
+    );
+}
+
+#[test]
+fn strict_mode_refuses_numeric_cells() {
+    let dir = Scratch::new("strict");
+    let spec = format!(
+        "{}:instruction=질문,output=답변",
+        fixtures().join("extra.xlsx").display()
+    );
+    let samples = fixtures().join("samples.jsonl");
+    let out = dir.path("o");
+    let run = prefer(&[
+        "pairs",
+        "--gold",
+        &spec,
+        "--samples",
+        samples.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--strict",
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run)
+            .1
+            .contains("extra.xlsx[SFT]: row 5, column '답변': expected text, found the number 42"),
+        "{}",
+        text(&run).1
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn token_budget_ref_logps_holdout_and_chat_template() {
+    let dir = Scratch::new("budget");
+    let model = dir.path("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(
+        model.join("tokenizer.json"),
+        data::tokens::word_level_tokenizer_json(&["a"]),
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'].strip() }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"}"#,
+    )
+    .unwrap();
+    let gold = dir.path("gold.jsonl");
+    let samples = dir.path("samples.jsonl");
+    let mut g = String::new();
+    let mut s = String::new();
+    for i in 0..20 {
+        let instruction = format!("질문 {i}");
+        g.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"instruction": instruction, "output": "짧은 답"})
+        ));
+        let prompt = format!("<s><user>{instruction}\n<assistant>");
+        // Word-level tokens: the prompt is <s> + "< user > 질문 N < assistant >" = 9 (the BOS the
+        // tokenizer adds is not doubled). Rows 0..4 reject with 12 words: 9 + 12 + EOS = 22 > 20;
+        // the others with 3 words: 9 + 3 + 1 = 13.
+        let response = if i < 5 {
+            "w ".repeat(12)
+        } else {
+            "긴 답변입니다 다른".to_string()
+        };
+        s.push_str(&format!("{}\n", serde_json::json!({"prompt": prompt, "response": response, "finish_reason": "stop", "ref_logps": -(i as f64) - 0.5})));
+    }
+    std::fs::write(&gold, g).unwrap();
+    std::fs::write(&samples, s).unwrap();
+    let out = dir.path("o");
+    let run = prefer(&[
+        "pairs",
+        "--gold",
+        gold.to_str().unwrap(),
+        "--samples",
+        samples.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--template",
+        "chat",
+        "--tokenizer",
+        model.to_str().unwrap(),
+        "--max-length",
+        "20",
+        "--holdout",
+        "validation=0.2",
+        "--seed",
+        "3",
+    ]);
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("5 over the token budget, 15 kept"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("holdout: 3 pairs moved from train to validation"),
+        "{stdout}"
+    );
+    let table = data::ingest::open(
+        &data::ingest::SourceSpec::plain(out.join("data/train-00000-of-00001.parquet")),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        table.columns,
+        vec!["prompt", "chosen", "rejected", "ref_rejected_logps"]
+    );
+    assert_eq!(table.rows.len(), 12);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(
+        card.contains("  - name: ref_rejected_logps\n    dtype: float64"),
+        "{card}"
+    );
+    assert!(
+        card.contains("  - name: validation\n    num_bytes: ")
+            && card.contains("num_examples: 3\n"),
+        "{card}"
+    );
+}
+
+// ---------------------------------------------------------------- python round trips
+
+/// The Python that has `datasets`: PREFER_PYTHON or python3. Under CI a missing one fails.
+fn python_with_datasets() -> Option<String> {
+    let python = std::env::var("PREFER_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let ok = Command::new(&python)
+        .args(["-c", "import datasets, pyarrow"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Some(python);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "CI is set but `{python} -c 'import datasets'` fails: install datasets (pip install datasets pyarrow)"
+        );
+    }
+    eprintln!(
+        "NOTICE: skipping the datasets round trip: `{python}` has no `datasets` (set PREFER_PYTHON or pip install datasets)"
+    );
+    None
+}
+
+fn run_python(python: &str, script: &str, args: &[&str]) -> String {
+    let cache = std::env::temp_dir().join(format!("prefer-hf-cache-{}", std::process::id()));
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_DATASETS_CACHE", &cache)
+        .env("HF_HOME", &cache)
+        .output()
+        .expect("run python");
+    let _ = std::fs::remove_dir_all(&cache);
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const LOAD: &str = r#"
+import sys, json, datasets
+d = datasets.load_dataset(sys.argv[1])
+out = {name: {"columns": split.column_names, "rows": split.num_rows, "first": split[0]} for name, split in d.items()}
+sys.stdout.write(json.dumps(out, ensure_ascii=False))
+"#;
+
+#[test]
+fn datasets_load_dataset_reads_our_folder() {
+    let Some(python) = python_with_datasets() else {
+        return;
+    };
+    for format in ["parquet", "jsonl"] {
+        let dir = Scratch::new(&format!("roundtrip-{format}"));
+        let out = dir.path("pairs");
+        let run = reference_run(&out, &["--format", format]);
+        assert!(run.status.success(), "{}", text(&run).1);
+        let got: Value =
+            serde_json::from_str(&run_python(&python, LOAD, &[out.to_str().unwrap()])).unwrap();
+        let splits: Vec<&String> = got.as_object().unwrap().keys().collect();
+        assert_eq!(splits, vec!["train", "validation"], "{format}");
+        assert_eq!(got["train"]["rows"], 8);
+        assert_eq!(got["validation"]["rows"], 2);
+        assert_eq!(
+            got["train"]["columns"],
+            serde_json::json!(["prompt", "chosen", "rejected"])
+        );
+        let want = &expected_split("train")[0];
+        // Korean text byte for byte (JSON carries it unescaped: ensure_ascii=False).
+        assert_eq!(
+            got["train"]["first"]["prompt"].as_str().unwrap().as_bytes(),
+            want[0].as_bytes()
+        );
+        assert_eq!(got["train"]["first"]["chosen"].as_str().unwrap(), want[1]);
+    }
+}
+
+const SAVE: &str = r#"
+import sys, json, datasets
+rows = json.loads(sys.argv[2])
+datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "validation": datasets.Dataset.from_list(rows[:1])}).save_to_disk(sys.argv[1])
+"#;
+
+#[test]
+fn save_to_disk_output_is_read_by_prefer() {
+    let Some(python) = python_with_datasets() else {
+        return;
+    };
+    let dir = Scratch::new("save-to-disk");
+    let rows = serde_json::json!([
+        {"질문": "첫 질문\n\"따옴표\"", "답변": "첫 답", "n": 1},
+        {"질문": "둘째 질문", "답변": "둘째 답", "n": 2}
+    ]);
+    let disk = dir.path("disk");
+    run_python(&python, SAVE, &[disk.to_str().unwrap(), &rows.to_string()]);
+    let samples = dir.path("s.jsonl");
+    let mut s = String::new();
+    for q in ["첫 질문\n\"따옴표\"", "둘째 질문"] {
+        s.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": data::template::korean(q), "response": "모델"})
+        ));
+    }
+    std::fs::write(&samples, s).unwrap();
+    let out = dir.path("o");
+    let train = format!("train={}:instruction=질문,output=답변", disk.display());
+    let valid = format!("validation={}:instruction=질문,output=답변", disk.display());
+    let run = prefer(&[
+        "pairs",
+        "--gold",
+        &train,
+        "--gold",
+        &valid,
+        "--samples",
+        samples.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", text(&run).1);
+    let train = read_split(&out, "train", "parquet");
+    assert_eq!(train.len(), 2);
+    assert_eq!(train[0][0], data::template::korean("첫 질문\n\"따옴표\""));
+    assert_eq!(train[0][1], "첫 답");
+    assert_eq!(read_split(&out, "validation", "parquet").len(), 1);
+}
+
+/// `prefer score --add-eos` output feeds `prefer pairs --chosen-logps`: each pair carries the
+/// summed log-prob that score wrote for its (prompt, chosen).
+#[test]
+fn chosen_logps_come_from_prefer_score_output() {
+    let dir = Scratch::new("chosen-logps");
+    let template = "아래는 문제를 설명하는 지시사항입니다. 이 요청에 대해 적절하게 답변해주세요.\n\n###지시사항:\n{}\n\n###답변:\n";
+    let rows = [
+        ("보험료는 언제 내나요?", "매달 말일에 냅니다."),
+        ("해지 환급금이란?", "해지할 때 돌려받는 돈입니다."),
+    ];
+    let (mut gold, mut samples, mut to_score) = (String::new(), String::new(), String::new());
+    for (instruction, output) in rows {
+        let prompt = template.replace("{}", instruction);
+        gold.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"instruction": instruction, "output": output})
+        ));
+        samples.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": prompt, "text": "모르겠습니다.", "finish_reason": "stop"})
+        ));
+        to_score.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": prompt, "completion": output})
+        ));
+    }
+    for (name, body) in [
+        ("gold.jsonl", &gold),
+        ("samples.jsonl", &samples),
+        ("score-in.jsonl", &to_score),
+    ] {
+        std::fs::write(dir.path(name), body).unwrap();
+    }
+    let model = fixtures().join("../models/llama-tiny");
+    let scores = dir.path("scores.jsonl");
+    let run = prefer(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        dir.path("score-in.jsonl").to_str().unwrap(),
+        "--out",
+        scores.to_str().unwrap(),
+        "--add-eos",
+    ]);
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "{stdout}{stderr}");
+    let want: Vec<f64> = std::fs::read_to_string(&scores)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["logp"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert!(want.iter().all(|v| v.is_finite() && *v < 0.0), "{want:?}");
+
+    let out = dir.path("pairs");
+    let run = prefer(&[
+        "pairs",
+        "--gold",
+        dir.path("gold.jsonl").to_str().unwrap(),
+        "--samples",
+        dir.path("samples.jsonl").to_str().unwrap(),
+        "--chosen-logps",
+        scores.to_str().unwrap(),
+        "--format",
+        "jsonl",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&run);
+    assert!(run.status.success(), "{stdout}{stderr}");
+    let split = std::fs::read_dir(out.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".jsonl"))
+        .expect("a jsonl split");
+    let got: Vec<f64> = std::fs::read_to_string(split)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["ref_chosen_logps"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(got, want);
+}
