@@ -8,7 +8,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "prefer", version, about = "SFT model + instruction data → DPO LoRA adapter")]
+#[command(
+    name = "prefer",
+    version,
+    about = "SFT model + instruction data → DPO LoRA adapter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +22,14 @@ struct Cli {
 enum Command {
     /// Log-probs of completions under a model (DPO's reference pass).
     Score(cmd::score::Args),
+    /// Completions of prompts from a model (vLLM-style batched generation): the rejected side.
+    Sample(cmd::sample::Args),
+    /// Preference pairs (chosen = gold, rejected = sample) as a dataset folder.
+    Pairs(cmd::pairs::Args),
+    /// Upload a folder to the Hugging Face Hub (commit API).
+    Push(cmd::push::Args),
+    /// Compile every CUDA kernel ahead of time (NVRTC, no GPU needed) into the kernel cache.
+    Kernels(cmd::kernels::Args),
 }
 
 fn main() {
@@ -31,6 +43,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Score(args) => cmd::score::run(args),
+        Command::Sample(args) => cmd::sample::run(args),
+        Command::Pairs(args) => cmd::pairs::run(args),
+        Command::Push(args) => cmd::push::run(args),
+        Command::Kernels(args) => cmd::kernels::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -3,25 +3,30 @@
 //!
 //! ```text
 //! h = norm(x, input_layernorm)
-//! q, k, v = h·Wqᵀ(+b), h·Wkᵀ(+b), h·Wvᵀ(+b)        RoPE on q and k
+//! q, k, v = split(h·Wqkvᵀ(+b)), RoPE on q and k      (q/k/v stacked: one GEMM)
 //! a = attention(q, k, v)  (window, soft-cap, scale from the config)
 //! a = a·Woᵀ(+b)           [Gemma-2: a = norm(a, post_attention_layernorm)]
-//! x = x + a
-//! h = norm(x, post_attention_layernorm)          [Gemma-2: pre_feedforward_layernorm]
-//! m = down(act(gate(h)) · up(h))                 [Gemma-2: m = norm(m, post_feedforward_layernorm)]
-//! x = x + m
+//! x = x + a;  h = norm(x, post_attention_layernorm)   [Gemma-2: pre_feedforward_layernorm]
+//! m = down(act(gate(h)) · up(h))                  (gate/up stacked: one GEMM)
+//!                                                 [Gemma-2: m = norm(m, post_feedforward_layernorm)]
+//! x = x + m               (fused with the next layer's input norm inside a whole forward)
 //! ```
+//!
+//! The same ops run on the CPU (f32) and on a GPU (bf16): the residual adds go through the
+//! engine's fused add + RMSNorm, RoPE is fused with the split of the stacked q/k/v
+//! projection, and the activation reads the stacked gate/up output.
 //!
 //! [`DecoderLayer::forward`] is a pure function of (layer weights, input, positions, layout),
 //! plus the optional KV cache it appends to, so the trainer can recompute a layer in its
 //! backward pass from the saved layer input alone.
 
-use engine::Tensor;
 use engine::ops::{self, AttentionParams, Rope, SeqLayout};
+use engine::{Device, Tensor};
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
+use crate::profile::{OpKind, Profiler};
 use crate::weights::Checkpoint;
 
 /// A linear layer in HF's layout: y = x·Wᵀ + b.
@@ -32,58 +37,122 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    fn load(
+    /// The HF modules `prefixes` (each `[out_i, inp]`) stacked into one [Σ out_i, inp] layer.
+    fn load_stacked(
         ck: &mut Checkpoint,
-        prefix: &str,
-        out: usize,
+        prefixes: &[(&str, usize)],
         inp: usize,
         bias: bool,
+        device: Device,
     ) -> Result<Linear> {
-        let weight = ck.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        let names: Vec<(String, [usize; 2])> = prefixes
+            .iter()
+            .map(|&(p, out)| (format!("{p}.weight"), [out, inp]))
+            .collect();
+        let parts: Vec<(&str, &[usize])> = names
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        let weight = ck.concat_on(&parts, device)?;
         let bias = if bias {
-            Some(ck.tensor(&format!("{prefix}.bias"), &[out])?)
+            let names: Vec<(String, [usize; 1])> = prefixes
+                .iter()
+                .map(|&(p, out)| (format!("{p}.bias"), [out]))
+                .collect();
+            let parts: Vec<(&str, &[usize])> = names
+                .iter()
+                .map(|(n, s)| (n.as_str(), s.as_slice()))
+                .collect();
+            Some(ck.concat_on(&parts, device)?)
         } else {
             None
         };
         Ok(Linear { weight, bias })
     }
 
+    fn load(
+        ck: &mut Checkpoint,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        device: Device,
+    ) -> Result<Linear> {
+        Self::load_stacked(ck, &[(prefix, out)], inp, bias, device)
+    }
+
     /// x: [T, K] → [T, N].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::linear(x, &self.weight, self.bias.as_ref())?)
+    pub fn forward(&self, x: &Tensor, prof: &Profiler) -> Result<Tensor> {
+        prof.run(OpKind::Gemm, x.device(), || {
+            ops::linear(x, &self.weight, self.bias.as_ref())
+        })
     }
 }
 
-/// The weights of one decoder layer, named as the checkpoint names them.
+/// The weights of one decoder layer. Names follow the checkpoint's, except for the two
+/// stacked projections.
 #[derive(Clone, Debug)]
 pub(crate) struct DecoderLayer {
     pub index: usize,
     pub input_layernorm: Tensor, // [C]
-    pub q_proj: Linear,          // [H·D, C]
-    pub k_proj: Linear,          // [Hkv·D, C]
-    pub v_proj: Linear,          // [Hkv·D, C]
-    pub o_proj: Linear,          // [C, H·D]
+    /// q_proj, k_proj and v_proj stacked (that order): the rows [0, H·D) are q's, then
+    /// Hkv·D rows of k and Hkv·D of v — the layout `ops::rope_qkv_split` reads.
+    pub qkv_proj: Linear, // [(H + 2·Hkv)·D, C]
+    pub o_proj: Linear,   // [C, H·D]
     /// Pre-MLP norm (Llama naming), or Gemma-2's norm of the attention output.
     pub post_attention_layernorm: Tensor, // [C]
     /// Gemma-2 only.
     pub pre_feedforward_layernorm: Option<Tensor>, // [C]
     /// Gemma-2 only.
     pub post_feedforward_layernorm: Option<Tensor>, // [C]
-    pub gate_proj: Linear,       // [I, C]
-    pub up_proj: Linear,         // [I, C]
-    pub down_proj: Linear,       // [C, I]
+    /// gate_proj and up_proj stacked (gate first), as `ops::gated_activation_packed` reads.
+    pub gate_up_proj: Linear, // [2·I, C]
+    pub down_proj: Linear,    // [C, I]
     /// This layer's sliding window W, if any.
     pub window: Option<usize>,
 }
 
+/// What every layer of one forward shares.
+pub(crate) struct LayerCtx<'a> {
+    pub cfg: &'a ModelConfig,
+    pub rope: &'a Rope,
+    pub positions: &'a [u32], // [Tq]
+    pub layout: &'a SeqLayout,
+    pub prof: &'a Profiler,
+}
+
+impl LayerCtx<'_> {
+    pub fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.arch.norm_offset);
+        self.prof.run(OpKind::Norm, x.device(), || {
+            ops::rms_norm(x, w, eps, offset)
+        })
+    }
+
+    /// (x + residual, norm(x + residual, w)) in one op.
+    fn add_norm(&self, x: &Tensor, residual: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (eps, offset) = (self.cfg.rms_norm_eps, self.cfg.arch.norm_offset);
+        self.prof.run(OpKind::Norm, x.device(), || {
+            ops::add_rms_norm(x, residual, w, eps, offset)
+        })
+    }
+}
+
 impl DecoderLayer {
-    /// Reads layer `index` from the checkpoint, checking every shape against `cfg`.
-    pub fn load(ck: &mut Checkpoint, cfg: &ModelConfig, index: usize) -> Result<DecoderLayer> {
+    /// Reads layer `index` onto `device`, checking every shape against `cfg`.
+    pub fn load(
+        ck: &mut Checkpoint,
+        cfg: &ModelConfig,
+        index: usize,
+        device: Device,
+    ) -> Result<DecoderLayer> {
         let p = format!("model.layers.{index}");
         let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let a = &cfg.arch;
-        let norm = |ck: &mut Checkpoint, name: &str| ck.tensor(&format!("{p}.{name}.weight"), &[c]);
+        let norm = |ck: &mut Checkpoint, name: &str| {
+            ck.tensor_on(&format!("{p}.{name}.weight"), &[c], device)
+        };
         let sandwich = |ck: &mut Checkpoint, name: &str| -> Result<Option<Tensor>> {
             if a.sandwich_norms {
                 Ok(Some(norm(ck, name)?))
@@ -91,84 +160,123 @@ impl DecoderLayer {
                 Ok(None)
             }
         };
+        let attn = |name: &str| format!("{p}.self_attn.{name}");
+        let mlp = |name: &str| format!("{p}.mlp.{name}");
         Ok(DecoderLayer {
             index,
             input_layernorm: norm(ck, "input_layernorm")?,
-            q_proj: Linear::load(ck, &format!("{p}.self_attn.q_proj"), q, c, a.qkv_bias)?,
-            k_proj: Linear::load(ck, &format!("{p}.self_attn.k_proj"), kv, c, a.qkv_bias)?,
-            v_proj: Linear::load(ck, &format!("{p}.self_attn.v_proj"), kv, c, a.qkv_bias)?,
-            o_proj: Linear::load(ck, &format!("{p}.self_attn.o_proj"), c, q, a.o_bias)?,
+            qkv_proj: Linear::load_stacked(
+                ck,
+                &[(&attn("q_proj"), q), (&attn("k_proj"), kv), (&attn("v_proj"), kv)],
+                c,
+                a.qkv_bias,
+                device,
+            )?,
+            o_proj: Linear::load(ck, &attn("o_proj"), c, q, a.o_bias, device)?,
             post_attention_layernorm: norm(ck, "post_attention_layernorm")?,
             pre_feedforward_layernorm: sandwich(ck, "pre_feedforward_layernorm")?,
             post_feedforward_layernorm: sandwich(ck, "post_feedforward_layernorm")?,
-            gate_proj: Linear::load(ck, &format!("{p}.mlp.gate_proj"), i, c, a.mlp_bias)?,
-            up_proj: Linear::load(ck, &format!("{p}.mlp.up_proj"), i, c, a.mlp_bias)?,
-            down_proj: Linear::load(ck, &format!("{p}.mlp.down_proj"), c, i, a.mlp_bias)?,
+            gate_up_proj: Linear::load_stacked(
+                ck,
+                &[(&mlp("gate_proj"), i), (&mlp("up_proj"), i)],
+                c,
+                a.mlp_bias,
+                device,
+            )?,
+            down_proj: Linear::load(ck, &mlp("down_proj"), c, i, a.mlp_bias, device)?,
             window: cfg.layer_windows[index],
         })
     }
 
-    /// x: [Tq, C] → [Tq, C]. `positions`: [Tq], the RoPE position of each query token.
-    /// Without a cache, `layout` must be a prefill (queries == keys); with one, the new keys
-    /// and values are appended to it and attention reads everything it holds.
+    /// x: [Tq, C] → [Tq, C]. `ctx.positions`: [Tq], the RoPE position of each query token.
+    /// Without a cache, `ctx.layout` must be a prefill (queries == keys); with one, the new
+    /// keys and values are appended to it and attention reads everything it holds.
     pub fn forward(
         &self,
-        cfg: &ModelConfig,
-        rope: &Rope,
+        ctx: &LayerCtx<'_>,
         x: &Tensor,
-        positions: &[u32],
-        layout: &SeqLayout,
         cache: Option<&mut dyn KvCache>,
     ) -> Result<Tensor> {
+        let h = ctx.norm(x, &self.input_layernorm)?;
+        let (x, _) = self.forward_normed(ctx, x, h, cache, None)?;
+        Ok(x)
+    }
+
+    /// The layer given its input x: [Tq, C] and h = norm(x, input_layernorm). Returns the
+    /// output x and, when `next_norm` is given, norm(output, next_norm) — computed in the same
+    /// op as the last residual add (a whole forward passes the next layer's input norm, or the
+    /// final norm).
+    pub fn forward_normed(
+        &self,
+        ctx: &LayerCtx<'_>,
+        x: &Tensor,
+        h: Tensor,
+        cache: Option<&mut dyn KvCache>,
+        next_norm: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let cfg = ctx.cfg;
         let a = &cfg.arch;
-        let t = x.shape()[0];
-        let norm = |x: &Tensor, w: &Tensor| ops::rms_norm(x, w, cfg.rms_norm_eps, a.norm_offset);
+        let (t, dev, prof) = (x.shape()[0], x.device(), ctx.prof);
+        // Each block's intermediates are dropped as soon as they are used, so the peak
+        // memory of a long batch is a block's widest activations, not the sum of them.
 
         // Attention block.
-        let h = norm(x, &self.input_layernorm)?;
-        let mut q = self
-            .q_proj
-            .forward(&h)?
-            .reshape(&[t, cfg.num_heads, cfg.head_dim])?; // [Tq, H, D]
-        let mut k = self
-            .k_proj
-            .forward(&h)?
-            .reshape(&[t, cfg.num_kv_heads, cfg.head_dim])?; // [Tq, Hkv, D]
-        let v = self
-            .v_proj
-            .forward(&h)?
-            .reshape(&[t, cfg.num_kv_heads, cfg.head_dim])?; // [Tq, Hkv, D]
-        ops::rope(&mut q, positions, rope)?;
-        ops::rope(&mut k, positions, rope)?;
+        let qkv = self.qkv_proj.forward(&h, prof)?; // [Tq, (H + 2·Hkv)·D]
+        drop(h);
+        let (q, k, v) = prof.run(OpKind::Rope, dev, || {
+            ops::rope_qkv_split(
+                &qkv,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                ctx.positions,
+                ctx.rope,
+            )
+        })?; // [Tq, H, D], [Tq, Hkv, D], [Tq, Hkv, D]
+        drop(qkv);
         let (k, v) = match cache {
-            Some(cache) => cache.append(self.index, layout, &k, &v)?, // [Tkv, Hkv, D] each
+            Some(cache) => cache.append(self.index, ctx.layout, &k, &v)?, // [Tkv, Hkv, D] each
             None => (k, v),
         };
         let params = attention_params(a, self.window);
-        let attn = ops::attention(&q, &k, &v, layout, &params)?.out; // [Tq, H, D]
-        let mut attn = self.o_proj.forward(&attn.reshape(&[t, cfg.q_dim()])?)?; // [Tq, C]
+        let attn = prof.run(OpKind::Attention, dev, || {
+            ops::attention(&q, &k, &v, ctx.layout, &params)
+        })?;
+        drop((q, k, v));
+        let attn = attn.out.reshape(&[t, cfg.q_dim()])?; // [Tq, H·D]
+        let mut attn = self.o_proj.forward(&attn, prof)?; // [Tq, C]
         if a.sandwich_norms {
-            attn = norm(&attn, &self.post_attention_layernorm)?;
+            attn = ctx.norm(&attn, &self.post_attention_layernorm)?;
         }
-        let mut x = ops::add(x, &attn)?;
-
-        // MLP block.
         let pre_mlp = match &self.pre_feedforward_layernorm {
             Some(w) => w,
             None => &self.post_attention_layernorm,
         };
-        let h = norm(&x, pre_mlp)?;
-        let gated = ops::gated_activation(
-            &self.gate_proj.forward(&h)?,
-            &self.up_proj.forward(&h)?,
-            a.activation,
-        )?; // [Tq, I]
-        let mut mlp = self.down_proj.forward(&gated)?; // [Tq, C]
+        let (x, h) = ctx.add_norm(&attn, x, pre_mlp)?;
+        drop(attn);
+
+        // MLP block.
+        let gate_up = self.gate_up_proj.forward(&h, prof)?; // [Tq, 2·I]
+        drop(h);
+        let gated = prof.run(OpKind::Activation, dev, || {
+            ops::gated_activation_packed(&gate_up, a.activation)
+        })?; // [Tq, I]
+        drop(gate_up);
+        let mut mlp = self.down_proj.forward(&gated, prof)?; // [Tq, C]
+        drop(gated);
         if let Some(w) = &self.post_feedforward_layernorm {
-            mlp = norm(&mlp, w)?;
+            mlp = ctx.norm(&mlp, w)?;
         }
-        ops::add_inplace(&mut x, &mlp)?;
-        Ok(x)
+        match next_norm {
+            Some(w) => {
+                let (x, h) = ctx.add_norm(&mlp, &x, w)?;
+                Ok((x, Some(h)))
+            }
+            None => {
+                let mut x = x;
+                prof.run(OpKind::Add, dev, || ops::add_inplace(&mut x, &mlp))?;
+                Ok((x, None))
+            }
+        }
     }
 }
 

@@ -66,9 +66,13 @@ pub enum ModelError {
     /// Inputs of a forward/score call that do not fit together.
     #[error("{what}: {msg}")]
     Input { what: &'static str, msg: String },
-    /// The requested device has no backend yet.
-    #[error("device {0} is not available: the CUDA backend has not landed yet (use the CPU)")]
-    UnsupportedDevice(engine::Device),
+    /// The device a model was asked onto cannot be used: CUDA libraries missing, no such
+    /// GPU, a driver failure.
+    #[error("device {device}: {error}")]
+    Device {
+        device: engine::Device,
+        error: engine::EngineError,
+    },
     /// An engine op failed (shapes are checked there too).
     #[error(transparent)]
     Engine(#[from] engine::EngineError),

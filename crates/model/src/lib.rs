@@ -22,6 +22,12 @@
 //! - Log-probs go through the engine's chunked log-softmax ([`Model::token_stats`]): a
 //!   `[T × V]` logits tensor never exists. [`Model::completion_stats`] is DPO's reference
 //!   pass: log p(completion tokens | prompt) for many rows in one forward.
+//! - Devices: `Model::load(dir, Device::Cpu)` keeps f32 weights; `Device::Cuda(n)` uploads
+//!   them as bf16 (bf16 checkpoints bit for bit, f16/f32 rounded to nearest-even on the host,
+//!   one tensor at a time) and runs the same ops on the GPU. q/k/v and gate/up are stacked
+//!   at load time so each is one GEMM, and residual adds are fused with the next RMSNorm.
+//! - [`Model::start_profile`] / [`Model::stop_profile`] time each op kind ([`OpTimes`]),
+//!   for benchmarks.
 //! - Errors are a typed [`ModelError`] naming the file, field or tensor.
 //!
 //! ## Example
@@ -47,6 +53,7 @@ mod kv_cache;
 mod llama;
 mod mistral;
 mod model;
+mod profile;
 mod qwen2;
 mod tokenizer;
 mod weights;
@@ -61,4 +68,5 @@ pub use error::{ModelError, Result};
 pub use generation::GenerationConfig;
 pub use kv_cache::{CpuKvCache, KvCache};
 pub use model::Model;
+pub use profile::{OpKind, OpTimes};
 pub use tokenizer::{PromptCompletion, Tokenizer, common_prefix_len};

@@ -1,53 +1,76 @@
 //! [`Model`]: a loaded decoder — embedding, layers, final norm, LM head — with the forward
 //! passes the scorer, the sampler and the trainer build on.
+//!
+//! On the CPU the weights are f32; on a GPU they are bf16 (as an HF model loaded with
+//! `dtype=torch.bfloat16`) and every activation stays on the device: the forward is the same
+//! sequence of engine ops on both (see `decoder.rs`), only the completion log-probs come back.
 
 use std::path::{Path, PathBuf};
 
+use engine::cuda::CudaBackend;
 use engine::ops::{self, LogProbChunks, Rope, SeqLayout, TokenStats};
-use engine::{Device, Tensor};
+use engine::{Device, EngineError, Tensor};
 
 use crate::config::ModelConfig;
-use crate::decoder::DecoderLayer;
+use crate::decoder::{DecoderLayer, LayerCtx};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::profile::{OpKind, OpTimes, Profiler};
 use crate::weights::Checkpoint;
 
-/// A decoder-only language model of one of the supported families, weights in f32.
+/// A decoder-only language model of one of the supported families: f32 weights on the CPU,
+/// bf16 on a GPU.
 #[derive(Clone, Debug)]
 pub struct Model {
     config: ModelConfig,
     dir: PathBuf,
     rope: Rope,
+    /// The embedding multiplier in the weights' precision (Gemma's sqrt(C) is rounded to bf16
+    /// on a GPU, as HF rounds it to the model dtype); 1 for the other families.
+    embed_scale: f32,
     pub(crate) embed_tokens: Tensor,      // [V, C]
     pub(crate) layers: Vec<DecoderLayer>, // [L]
     pub(crate) norm: Tensor,              // [C]
-    /// The embedding table itself when tied.
+    /// The embedding table itself when tied (shared storage, not a copy).
     pub(crate) lm_head: Tensor, // [V, C]
     chunks: LogProbChunks,
+    profiler: Profiler,
 }
 
 impl Model {
     /// Loads `dir`'s config.json and safetensors checkpoint onto `device`.
+    ///
+    /// On `Device::Cuda(n)` the GPU is set up first (a missing CUDA library or GPU is the
+    /// engine's error, naming it), then each weight is uploaded as bf16 straight from the
+    /// memory-mapped checkpoint, one tensor at a time.
     pub fn load(dir: &Path, device: Device) -> Result<Model> {
-        if device != Device::Cpu {
-            return Err(ModelError::UnsupportedDevice(device));
-        }
-        let _span = tracing::info_span!("load model", dir = %dir.display()).entered();
+        let _span = tracing::info_span!("load model", dir = %dir.display(), %device).entered();
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        if let Device::Cuda(ordinal) = device {
+            let backend = CudaBackend::get(ordinal).map_err(|e| ModelError::Device {
+                device,
+                error: EngineError::from(e),
+            })?;
+            tracing::info!(gpu = backend.name(), arch = %backend.arch(), "CUDA device ready");
+        }
         let mut ck = Checkpoint::open(dir)?;
         let (v, c) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = ck.tensor("model.embed_tokens.weight", &[v, c])?;
+        let embed_tokens = ck.tensor_on("model.embed_tokens.weight", &[v, c], device)?;
         let layers = (0..config.num_layers)
-            .map(|i| DecoderLayer::load(&mut ck, &config, i))
+            .map(|i| DecoderLayer::load(&mut ck, &config, i, device))
             .collect::<Result<Vec<_>>>()?;
-        let norm = ck.tensor("model.norm.weight", &[c])?;
+        let norm = ck.tensor_on("model.norm.weight", &[c], device)?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            ck.tensor("lm_head.weight", &[v, c])?
+            ck.tensor_on("lm_head.weight", &[v, c], device)?
         };
         ck.warn_unused();
         let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling);
+        let embed_scale = match device {
+            Device::Cpu => config.arch.embed_scale,
+            Device::Cuda(_) => half::bf16::from_f32(config.arch.embed_scale).to_f32(),
+        };
         tracing::info!(
             family = %config.family,
             layers = config.num_layers,
@@ -59,11 +82,13 @@ impl Model {
             config,
             dir: dir.to_path_buf(),
             rope,
+            embed_scale,
             embed_tokens,
             layers,
             norm,
             lm_head,
             chunks: LogProbChunks::default(),
+            profiler: Profiler::default(),
         })
     }
 
@@ -85,14 +110,39 @@ impl Model {
         &self.lm_head
     }
 
+    /// The multiplier applied to the embeddings (see [`crate::Arch::embed_scale`]), in the
+    /// precision the forward uses on this model's device.
+    pub fn embed_scale(&self) -> f32 {
+        self.embed_scale
+    }
+
+    /// Starts timing every op of the forwards that follow (clones of this model share the
+    /// switch); see [`Model::stop_profile`].
+    pub fn start_profile(&self) {
+        self.profiler.start();
+    }
+
+    /// Stops timing and returns the time per op kind since [`Model::start_profile`].
+    pub fn stop_profile(&self) -> OpTimes {
+        self.profiler.stop()
+    }
+
     /// Token ids → scaled embeddings, [T, C]. Ids must be < V.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         self.check_ids(ids)?;
-        Ok(ops::embedding(
-            &self.embed_tokens,
-            ids,
-            self.config.arch.embed_scale,
-        )?)
+        self.profiler.run(OpKind::Embedding, self.device(), || {
+            ops::embedding(&self.embed_tokens, ids, self.embed_scale)
+        })
+    }
+
+    fn ctx<'a>(&'a self, positions: &'a [u32], layout: &'a SeqLayout) -> LayerCtx<'a> {
+        LayerCtx {
+            cfg: &self.config,
+            rope: &self.rope,
+            positions,
+            layout,
+            prof: &self.profiler,
+        }
     }
 
     /// Decoder layer `layer` on x: [Tq, C] → [Tq, C]. A function of its inputs (and the cache
@@ -112,17 +162,12 @@ impl Model {
                 self.layers.len()
             ),
         })?;
-        l.forward(&self.config, &self.rope, x, positions, layout, cache)
+        l.forward(&self.ctx(positions, layout), x, cache)
     }
 
     /// The final norm, [T, C] → [T, C].
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::rms_norm(
-            x,
-            &self.norm,
-            self.config.rms_norm_eps,
-            self.config.arch.norm_offset,
-        )?)
+        self.ctx(&[], &SeqLayout::prefill(&[])).norm(x, &self.norm)
     }
 
     /// Prefill forward of whole packed sequences: ids, positions: [T] → final-normed hidden
@@ -130,12 +175,7 @@ impl Model {
     pub fn forward(&self, ids: &[u32], positions: &[u32], layout: &SeqLayout) -> Result<Tensor> {
         self.check_layout(ids, positions, layout, false)?;
         let _span = tracing::debug_span!("forward", tokens = ids.len()).entered();
-        let mut x = self.embed(ids)?;
-        for layer in &self.layers {
-            let _span = tracing::trace_span!("layer", index = layer.index).entered();
-            x = layer.forward(&self.config, &self.rope, &x, positions, layout, None)?;
-        }
-        self.final_norm(&x)
+        self.run_layers(ids, positions, layout, None)
     }
 
     /// Forward of new tokens against a KV cache (prefill, chunked prefill or decode): each
@@ -149,31 +189,59 @@ impl Model {
         cache: &mut dyn KvCache,
     ) -> Result<Tensor> {
         self.check_layout(ids, positions, layout, true)?;
-        let mut x = self.embed(ids)?;
-        for layer in &self.layers {
-            x = layer.forward(
-                &self.config,
-                &self.rope,
+        self.run_layers(ids, positions, layout, Some(cache))
+    }
+
+    /// Embedding, every layer, final norm. Each residual add is fused with the norm that
+    /// follows it (the next layer's input norm, or the final norm).
+    fn run_layers(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        layout: &SeqLayout,
+        mut cache: Option<&mut dyn KvCache>,
+    ) -> Result<Tensor> {
+        let ctx = self.ctx(positions, layout);
+        let mut x = self.embed(ids)?; // [T, C]
+        let Some(first) = self.layers.first() else {
+            return ctx.norm(&x, &self.norm);
+        };
+        let mut h = ctx.norm(&x, &first.input_layernorm)?; // [T, C]
+        for (i, layer) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", index = layer.index).entered();
+            let next_norm = match self.layers.get(i + 1) {
+                Some(next) => &next.input_layernorm,
+                None => &self.norm,
+            };
+            let (x_out, h_out) = layer.forward_normed(
+                &ctx,
                 &x,
-                positions,
-                layout,
-                Some(&mut *cache),
+                h,
+                cache.as_mut().map(|c| &mut **c as &mut dyn KvCache),
+                Some(next_norm),
             )?;
+            x = x_out;
+            h = h_out.ok_or_else(|| ModelError::Input {
+                what: "forward",
+                msg: "a layer did not return the normed output it was asked for".into(),
+            })?;
         }
-        self.final_norm(&x)
+        Ok(h)
     }
 
     /// Log-prob of each target under the next-token distribution of each hidden row, plus
     /// entropy, mean logit and argmax (the final soft-cap applied). hidden: [T, C], targets: [T].
     pub fn token_stats(&self, hidden: &Tensor, targets: &[u32]) -> Result<TokenStats> {
         self.check_ids(targets)?;
-        Ok(ops::token_logprobs(
-            hidden,
-            &self.lm_head,
-            targets,
-            self.config.arch.final_softcap,
-            self.chunks,
-        )?)
+        self.profiler.run(OpKind::LmHead, hidden.device(), || {
+            ops::token_logprobs(
+                hidden,
+                &self.lm_head,
+                targets,
+                self.config.arch.final_softcap,
+                self.chunks,
+            )
+        })
     }
 
     /// Full (soft-capped) logits of a few rows, for sampling: hidden [B, C] → [B, V].
@@ -185,9 +253,30 @@ impl Model {
         )?)
     }
 
+    /// Rows `rows` of x: [T, C] → [rows.len(), C], on x's device (a gather on the GPU: the
+    /// rows never pass through the host).
+    pub fn select_rows(&self, x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+        let [t, _] = x.dims::<2>("select_rows", "x: [T, C]")?;
+        let rows = rows
+            .iter()
+            .map(|&r| {
+                u32::try_from(r).ok().filter(|_| r < t).ok_or_else(|| ModelError::Input {
+                    what: "select_rows",
+                    msg: format!("row {r} out of range ({t} rows)"),
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        // A gather of rows is an embedding lookup in x with scale 1 (exact).
+        self.profiler
+            .run(OpKind::Gather, x.device(), || ops::embedding(x, &rows, 1.0))
+    }
+
     /// Scores `(prompt, completion)` pairs packed into one forward: for each, the stats of
     /// its completion tokens, log p(c_t | prompt, c_<t). Prompts must not be empty (the first
     /// completion token needs a context); an empty completion gets empty stats.
+    ///
+    /// Only the hidden rows whose next token is a completion token go through the LM head
+    /// (gathered on the model's device); a [T × V] logits tensor never exists.
     pub fn completion_stats(&self, seqs: &[(&[u32], &[u32])]) -> Result<Vec<TokenStats>> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -218,7 +307,9 @@ impl Model {
             return Ok(out);
         }
         let hidden = self.forward(&ids, &positions, &SeqLayout::prefill(&lens))?;
-        let stats = self.token_stats(&select_rows(&hidden, &rows)?, &targets)?;
+        let selected = self.select_rows(&hidden, &rows)?; // [rows, C]
+        drop(hidden);
+        let stats = self.token_stats(&selected, &targets)?;
         let mut at = 0;
         for (_, completion) in seqs {
             let n = completion.len();
@@ -288,24 +379,6 @@ impl Model {
         }
         Ok(())
     }
-}
-
-/// Rows of x: [T, C] → [rows.len(), C].
-// The CPU path copies; the CUDA backend will want a gather op in the engine.
-fn select_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
-    let [t, c] = x.dims::<2>("select_rows", "[T, C]")?;
-    let data = x.as_slice()?;
-    let mut out = Vec::with_capacity(rows.len() * c);
-    for &r in rows {
-        if r >= t {
-            return Err(ModelError::Input {
-                what: "select_rows",
-                msg: format!("row {r} out of range ({t} rows)"),
-            });
-        }
-        out.extend_from_slice(&data[r * c..(r + 1) * c]);
-    }
-    Ok(Tensor::from_vec(out, &[rows.len(), c])?)
 }
 
 #[cfg(test)]
@@ -512,12 +585,23 @@ mod tests {
         assert_eq!(out, vec![TokenStats::default()]);
     }
 
+    /// Without CUDA libraries (CI, a CPU machine) loading onto a GPU is a clear error naming
+    /// the missing library, not a panic; with them, the model lands on the GPU.
     #[test]
-    fn cuda_device_is_refused() {
-        let e = Model::load(Path::new("/nonexistent"), Device::Cuda(0))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("cuda:0") && e.contains("CUDA backend"), "{e}");
+    fn cuda_load_without_a_gpu_is_a_clear_error() {
+        let (name, config) = &family_configs()[0];
+        let dir = temp_dir(&format!("cuda-{name}"));
+        write_random_model(&dir, config, 3, Store::F32);
+        match Model::load(&dir, Device::Cuda(0)) {
+            Ok(model) => assert_eq!(model.device(), Device::Cuda(0)),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.starts_with("device cuda:0: "), "{e}");
+                if !engine::cuda::Library::Driver.is_present() {
+                    assert!(e.contains("libcuda.so not found"), "{e}");
+                }
+            }
+        }
     }
 
     fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {

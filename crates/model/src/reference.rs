@@ -15,12 +15,17 @@ fn weights(t: &engine::Tensor) -> Vec<f64> {
 }
 
 fn linear(x: &Mat, l: &Linear) -> Mat {
+    linear_rows(x, l, 0..l.weight.shape()[0])
+}
+
+/// The outputs `rows` of a linear layer: the part of a stacked projection (q of q/k/v, ...).
+fn linear_rows(x: &Mat, l: &Linear, rows: std::ops::Range<usize>) -> Mat {
     let w = weights(&l.weight);
-    let (n, k) = (l.weight.shape()[0], l.weight.shape()[1]);
+    let k = l.weight.shape()[1];
     let b = l.bias.as_ref().map(weights);
     x.iter()
         .map(|row| {
-            (0..n)
+            rows.clone()
                 .map(|o| {
                     let dot: f64 = (0..k).map(|i| row[i] * w[o * k + i]).sum();
                     dot + b.as_ref().map_or(0.0, |b| b[o])
@@ -138,15 +143,16 @@ pub(crate) fn reference_log_softmax(model: &Model, ids: &[u32]) -> Mat {
         .iter()
         .map(|&id| {
             (0..c)
-                .map(|j| embed[id as usize * c + j] * a.embed_scale as f64)
+                .map(|j| embed[id as usize * c + j] * model.embed_scale() as f64)
                 .collect()
         })
         .collect();
     for layer in &model.layers {
         let hn = rms_norm(&x, &layer.input_layernorm, eps, offset);
-        let mut q = linear(&hn, &layer.q_proj);
-        let mut k = linear(&hn, &layer.k_proj);
-        let v = linear(&hn, &layer.v_proj);
+        let (qd, kvd) = (h * d, hkv * d);
+        let mut q = linear_rows(&hn, &layer.qkv_proj, 0..qd);
+        let mut k = linear_rows(&hn, &layer.qkv_proj, qd..qd + kvd);
+        let v = linear_rows(&hn, &layer.qkv_proj, qd + kvd..qd + 2 * kvd);
         for t in 0..t_len {
             for head in 0..h {
                 rope(&mut q[t][head * d..(head + 1) * d], t, &inv);
@@ -197,8 +203,9 @@ pub(crate) fn reference_log_softmax(model: &Model, ids: &[u32]) -> Mat {
             .as_ref()
             .unwrap_or(&layer.post_attention_layernorm);
         let hn = rms_norm(&x, pre, eps, offset);
-        let gate = linear(&hn, &layer.gate_proj);
-        let up = linear(&hn, &layer.up_proj);
+        let inter = cfg.intermediate_size;
+        let gate = linear_rows(&hn, &layer.gate_up_proj, 0..inter);
+        let up = linear_rows(&hn, &layer.gate_up_proj, inter..2 * inter);
         let act: Mat = gate
             .iter()
             .zip(&up)

@@ -1,5 +1,6 @@
 //! Checkpoint tensors: `model.safetensors`, or the shards `model.safetensors.index.json`
-//! lists, memory-mapped and converted tensor by tensor to f32 engine tensors.
+//! lists, memory-mapped and converted tensor by tensor to engine tensors: f32 on the CPU,
+//! bf16 on a GPU (uploaded straight from the map's bytes, or rounded to nearest-even).
 //!
 //! Every header is validated when the file is opened (safetensors checks that the offsets are
 //! contiguous and that the data fills the file exactly, which catches truncated files), so a
@@ -13,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use engine::Tensor;
+use engine::{Device, Tensor};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::SafeTensors;
@@ -120,22 +121,81 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Reads tensor `name` as f32 and checks it has `shape`; marks it used.
+    /// Reads tensor `name` as f32 on the CPU and checks it has `shape`; marks it used.
+    #[cfg(test)]
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let Some(&shard_index) = self.location.get(name) else {
-            return Err(ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
+        self.tensor_on(name, shape, Device::Cpu)
+    }
+
+    /// Reads tensor `name`, checking it has `shape`, onto `device`: f32 on the CPU, bf16 on a
+    /// GPU (see [`Checkpoint::concat_on`]).
+    pub fn tensor_on(&mut self, name: &str, shape: &[usize], device: Device) -> Result<Tensor> {
+        self.concat_on(&[(name, shape)], device)
+    }
+
+    /// Reads the tensors `parts` (each with the shape given, all with the same trailing
+    /// dims) and stacks them along their first dim, onto `device`: [Σ n_i, ...] from
+    /// [n_i, ...]. This is how q/k/v and gate/up become one GEMM each.
+    ///
+    /// On a GPU the elements are bf16: bf16 weights are uploaded bit for bit, f16 and f32
+    /// ones rounded to nearest-even on the host first. The host holds one converted copy of
+    /// the stacked tensor at a time (2 bytes an element for a GPU), never an f32 copy of the
+    /// model.
+    pub fn concat_on(&mut self, parts: &[(&str, &[usize])], device: Device) -> Result<Tensor> {
+        let Some(&(first, first_shape)) = parts.first() else {
+            return Err(ModelError::Input {
+                what: "checkpoint",
+                msg: "no tensors to stack".into(),
             });
         };
+        let rows: usize = parts.iter().map(|(_, s)| s.first().copied().unwrap_or(1)).sum();
+        let mut shape = first_shape.to_vec();
+        if let Some(r) = shape.first_mut() {
+            *r = rows;
+        }
+        let len: usize = shape.iter().product();
+        let mut data = match device {
+            Device::Cpu => HostData::F32(Vec::with_capacity(len)),
+            Device::Cuda(_) => HostData::Bf16(Vec::with_capacity(len)),
+        };
+        for &(name, part_shape) in parts {
+            if part_shape.get(1..) != first_shape.get(1..) {
+                return Err(ModelError::Input {
+                    what: "checkpoint",
+                    msg: format!(
+                        "cannot stack `{name}` {part_shape:?} under `{first}` {first_shape:?}"
+                    ),
+                });
+            }
+            let (bytes, dtype, path) = self.raw(name, part_shape)?;
+            let ok = match &mut data {
+                HostData::F32(out) => append_f32(out, bytes, dtype),
+                HostData::Bf16(out) => append_bf16_bits(out, bytes, dtype),
+            };
+            if !ok {
+                return Err(ModelError::TensorDtype {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    got: format!("{dtype:?}"),
+                });
+            }
+            self.used.insert(name.to_string());
+        }
+        Ok(match data {
+            HostData::F32(v) => Tensor::from_vec(v, &shape)?,
+            HostData::Bf16(bits) => Tensor::from_bf16_bits(&bits, &shape, device)?,
+        })
+    }
+
+    /// The stored bytes, dtype and file of tensor `name`, after checking it has `shape`.
+    fn raw(&self, name: &str, shape: &[usize]) -> Result<(&[u8], Dtype, &Path)> {
+        let missing = || ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        };
+        let &shard_index = self.location.get(name).ok_or_else(missing)?;
         let shard = &self.shards[shard_index];
-        let info = shard
-            .metadata
-            .info(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            })?;
+        let info = shard.metadata.info(name).ok_or_else(missing)?;
         if info.shape != shape {
             return Err(ModelError::TensorShape {
                 path: shard.path.clone(),
@@ -146,13 +206,7 @@ impl Checkpoint {
         }
         let (start, end) = info.data_offsets;
         let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        let data = to_f32(bytes, info.dtype).ok_or_else(|| ModelError::TensorDtype {
-            path: shard.path.clone(),
-            name: name.to_string(),
-            got: format!("{:?}", info.dtype),
-        })?;
-        self.used.insert(name.to_string());
-        Ok(Tensor::from_vec(data, shape)?)
+        Ok((bytes, info.dtype, &shard.path))
     }
 
     /// Names of tensors in the checkpoint that no [`Checkpoint::tensor`] call read.
@@ -225,36 +279,73 @@ fn describe(err: &SafeTensorError, file_len: usize) -> String {
     }
 }
 
-/// Little-endian BF16/F16/F32 bytes → f32, in parallel chunks. `None` for other dtypes.
-fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
-    const CHUNK: usize = 1 << 16;
-    let width = match dtype {
-        Dtype::BF16 | Dtype::F16 => 2,
-        Dtype::F32 => 4,
-        _ => return None,
+/// Host-side elements of a tensor on its way to a device.
+enum HostData {
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
+}
+
+/// Elements per rayon task of a conversion.
+const CHUNK: usize = 1 << 16;
+
+/// Bytes per element of the float dtypes we read; `None` for the others.
+fn float_width(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::BF16 | Dtype::F16 => Some(2),
+        Dtype::F32 => Some(4),
+        _ => None,
+    }
+}
+
+/// Appends `bytes` (little-endian `dtype` elements) converted by `convert` to `out`, in
+/// parallel chunks. False for a dtype that is not BF16, F16 or F32.
+fn append_converted<T: Copy + Default + Send>(
+    out: &mut Vec<T>,
+    bytes: &[u8],
+    dtype: Dtype,
+    convert: impl Fn(&[u8]) -> T + Sync,
+) -> bool {
+    let Some(width) = float_width(dtype) else {
+        return false;
     };
-    let mut out = vec![0f32; bytes.len() / width];
-    out.par_chunks_mut(CHUNK)
+    let start = out.len();
+    out.resize(start + bytes.len() / width, T::default());
+    out[start..]
+        .par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
-        .for_each(|(dst, src)| match dtype {
-            Dtype::BF16 => {
-                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    // bf16 is the top half of an f32.
-                    *d = f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16);
-                }
-            }
-            Dtype::F16 => {
-                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                    *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
-                }
-            }
-            _ => {
-                for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-                }
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(width)) {
+                *d = convert(s);
             }
         });
-    Some(out)
+    true
+}
+
+/// One little-endian element of `dtype` as f32 (exact for all three).
+fn element_f32(s: &[u8], dtype: Dtype) -> f32 {
+    match dtype {
+        // bf16 is the top half of an f32.
+        Dtype::BF16 => f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16),
+        Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32(),
+        _ => f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+    }
+}
+
+/// Appends BF16/F16/F32 bytes as f32.
+fn append_f32(out: &mut Vec<f32>, bytes: &[u8], dtype: Dtype) -> bool {
+    append_converted(out, bytes, dtype, |s| element_f32(s, dtype))
+}
+
+/// Appends BF16/F16/F32 bytes as bf16 bits: BF16 as stored, the others rounded to
+/// nearest-even (f16 → f32 is exact, so f16 is rounded once too).
+fn append_bf16_bits(out: &mut Vec<u16>, bytes: &[u8], dtype: Dtype) -> bool {
+    match dtype {
+        Dtype::BF16 => append_converted(out, bytes, dtype, |s| u16::from_le_bytes([s[0], s[1]])),
+        _ => append_converted(out, bytes, dtype, |s| {
+            half::bf16::from_f32(element_f32(s, dtype)).to_bits()
+        }),
+    }
 }
 
 /// Writing safetensors files by hand, for tests here and in the rest of the crate.
@@ -373,6 +464,90 @@ mod tests {
             assert_eq!(c[i], half::f16::from_f32(data[i]).to_f32());
         }
         assert!(ck.unused().is_empty());
+    }
+
+    /// Round-to-nearest-even f32 → bf16 by integer arithmetic (an independent reference for
+    /// half's conversion; finite inputs only).
+    fn rne_bf16(x: f32) -> u16 {
+        let u = x.to_bits();
+        ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) as u16
+    }
+
+    #[test]
+    fn bf16_bits_round_to_nearest_even() {
+        // Exact halfway cases (ties to even, both directions), just above/below halfway,
+        // subnormals, and values past a conversion chunk.
+        let halfway = 1.0f32 + 2f32.powi(-8); // between 1.0 and 1 + 2^-7: ties to 1.0
+        let odd_halfway = 1.0f32 + 3.0 * 2f32.powi(-8); // ties up to 1 + 2^-6
+        let mut data = vec![
+            halfway,
+            odd_halfway,
+            f32::from_bits(halfway.to_bits() + 1),
+            f32::from_bits(halfway.to_bits() - 1),
+            -halfway,
+            1e-40,
+            -3.0e38,
+            0.0,
+            -0.0,
+        ];
+        data.extend((0..CHUNK as u32 + 77).map(|i| (i as f32 * 0.37).sin() * 1000.0));
+        let f32_bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut bits = Vec::new();
+        assert!(append_bf16_bits(&mut bits, &f32_bytes, Dtype::F32));
+        let want: Vec<u16> = data.iter().map(|&x| rne_bf16(x)).collect();
+        assert_eq!(bits, want);
+        assert_eq!(bits[0], 0x3f80);
+        assert_eq!(bits[1], 0x3f82);
+
+        // f16 goes through an exact f32: one rounding.
+        let f16s: Vec<half::f16> = data[..9].iter().map(|&x| half::f16::from_f32(x)).collect();
+        let f16_bytes: Vec<u8> = f16s.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+        let mut bits = Vec::new();
+        assert!(append_bf16_bits(&mut bits, &f16_bytes, Dtype::F16));
+        let want: Vec<u16> = f16s.iter().map(|x| rne_bf16(x.to_f32())).collect();
+        assert_eq!(bits, want);
+
+        // bf16 is copied bit for bit, NaN payloads included.
+        let raw: Vec<u16> = vec![0x7fc1, 0x0001, 0xff80, 0x3f80];
+        let bytes: Vec<u8> = raw.iter().flat_map(|b| b.to_le_bytes()).collect();
+        let mut bits = Vec::new();
+        assert!(append_bf16_bits(&mut bits, &bytes, Dtype::BF16));
+        assert_eq!(bits, raw);
+        assert!(!append_bf16_bits(&mut bits, &bytes, Dtype::I64));
+    }
+
+    #[test]
+    fn stacks_tensors_along_rows() {
+        let dir = temp_dir("stack");
+        write_safetensors(
+            &dir.join(SINGLE_FILE),
+            &[
+                RawTensor::f32("q", &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+                RawTensor::bf16("k", &[1, 3], &[7.0, 8.0, 9.0]),
+                RawTensor::f16("bq", &[2], &[0.5, 1.5]),
+                RawTensor::f32("bk", &[1], &[2.5]),
+                RawTensor::f32("odd", &[1, 2], &[0.0, 0.0]),
+            ],
+        );
+        let mut ck = Checkpoint::open(&dir).unwrap();
+        let w = ck
+            .concat_on(&[("q", &[2, 3]), ("k", &[1, 3])], Device::Cpu)
+            .unwrap();
+        assert_eq!(w.shape(), &[3, 3]);
+        assert_eq!(
+            w.to_vec().unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+        );
+        let b = ck
+            .concat_on(&[("bq", &[2]), ("bk", &[1])], Device::Cpu)
+            .unwrap();
+        assert_eq!(b.to_vec().unwrap(), vec![0.5, 1.5, 2.5]);
+        assert_eq!(ck.unused(), vec!["odd"]);
+        let e = err_text(ck.concat_on(&[("q", &[2, 3]), ("odd", &[1, 2])], Device::Cpu));
+        assert!(e.contains("`odd`") && e.contains("stack"), "{e}");
+        // The shape check still names the tensor inside a stack.
+        let e = err_text(ck.concat_on(&[("q", &[2, 3]), ("k", &[2, 3])], Device::Cpu));
+        assert!(e.contains("`k`") && e.contains("[1, 3]"), "{e}");
     }
 
     #[test]

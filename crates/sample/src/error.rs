@@ -64,6 +64,52 @@ pub enum SampleError {
     /// The tokenizer failed to decode ids.
     #[error("tokenizer cannot decode token ids {ids:?}: {msg}")]
     Decode { ids: Vec<u32>, msg: String },
+
+    /// The model failed on a step; its own error (the model crate's, or a test model's).
+    #[error("model step failed: {0}")]
+    Model(#[source] Box<dyn std::error::Error + Send + Sync>),
+
+    /// An engine setting that cannot work (a zero block size, say).
+    #[error("engine setting `{name}`: {msg}")]
+    EngineConfig { name: &'static str, msg: String },
+
+    /// A prompt that does not fit in the model's context.
+    #[error("prompt of {len} tokens is longer than the model's context of {max_model_len} tokens")]
+    PromptTooLong { len: usize, max_model_len: usize },
+
+    /// A sequence that can never fit in the KV cache, even alone.
+    #[error(
+        "a sequence of up to {tokens} tokens needs {needed} KV blocks of {block_size} tokens, \
+         but the cache holds only {total}: give the KV cache more memory or lower max_tokens"
+    )]
+    KvCacheTooSmall {
+        tokens: usize,
+        needed: usize,
+        block_size: usize,
+        total: usize,
+    },
+
+    /// A samples file that cannot be read, written or truncated.
+    #[error("{path}: {source}")]
+    OutputIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// A line of an existing samples file that is not what this program writes.
+    #[error("{path}, line {line}: {msg}")]
+    OutputFormat {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+}
+
+impl SampleError {
+    /// Wraps a model's error (for [`crate::StepModel`] implementations).
+    pub fn model(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SampleError::Model(Box::new(e))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, SampleError>;

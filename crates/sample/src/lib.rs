@@ -1,9 +1,9 @@
-//! # sample — vLLM's sampling semantics, one sequence step at a time
+//! # sample — generation: vLLM's sampling semantics and a batched engine
 //!
-//! Everything generation needs that does not touch the model: the scheduler (paged KV cache,
-//! continuous batching) runs the model and hands each active sequence its logits row; this
-//! crate turns that row into the next token and keeps the sequence's state.
+//! Two layers. The sampling core turns one sequence's logits row into its next token and
+//! keeps the sequence's state; the engine runs many sequences through a model at once.
 //!
+//! Sampling core:
 //! - `params`: [`SamplingParams`] with vLLM's names, defaults and checks (including the
 //!   low-temperature clamp: 0 < T < 0.01 becomes 0.01, with a warning), validated into
 //!   [`ValidParams`].
@@ -17,6 +17,18 @@
 //!   and stop strings matched on the text, with vLLM's [`FinishReason`] / [`StopReason`].
 //! - `sequence`: [`SequenceState`], which ties them together behind one `step(logits)`;
 //!   [`step_batch`] steps a whole batch in parallel.
+//!
+//! Engine:
+//! - `engine`: [`Engine`] and the [`StepModel`] trait a model implements: each step is a
+//!   [`StepBatch`] of prefill chunks and decode tokens of many sequences, packed, with
+//!   their KV block tables; the model returns the logits of each sequence's last token.
+//! - `scheduler`: continuous batching, chunked prefill under a token budget, admission by
+//!   free KV blocks, preemption by recompute.
+//! - `kv_blocks`: the paged KV cache's block tables and free list.
+//! - `paged_kv` + `model_runner`: [`ModelRunner`], a [`model::Model`] on the CPU as a
+//!   [`StepModel`], its KV cache in a paged pool read through the block tables.
+//! - `output`: the samples file — rows ([`sample_row`]), appended as sequences finish and
+//!   resumed after a crash ([`SamplesFile`]).
 //!
 //! Reproducibility: each sequence owns its RNG (from its request's seed, or from a global
 //! seed and a stable request key), so its draws do not depend on the rest of the batch.
@@ -47,10 +59,16 @@
 //! ```
 
 mod detok;
+mod engine;
 mod error;
+mod kv_blocks;
+mod model_runner;
+mod output;
+mod paged_kv;
 mod params;
 mod processors;
 mod sampler;
+mod scheduler;
 mod sequence;
 mod stop;
 
@@ -58,9 +76,18 @@ mod stop;
 mod test_util;
 
 pub use detok::IncrementalDetokenizer;
+pub use engine::{
+    Engine, EngineConfig, EngineStats, Finished, KvGeometry, SeqId, SeqStep, StepBatch, StepModel,
+};
 pub use error::{Result, SampleError};
+pub use model_runner::ModelRunner;
+pub use output::Resume;
+pub use output::{RowContext, SAMPLE_FIELDS, SampleKey, SamplesFile, sample_row};
 pub use params::{GREEDY_TEMPERATURE_EPS, MIN_SAMPLING_TEMPERATURE, SamplingParams, ValidParams};
 pub use processors::TokenHistory;
 pub use sampler::{SampledToken, Sampler, SequenceRng};
 pub use sequence::{Finish, NewSequence, SequenceState, StepOutcome, step_batch};
 pub use stop::{FinishReason, StopReason, StopTokens, TokenStop};
+/// The `tokenizers` crate, whose `Tokenizer` [`NewSequence`] takes (re-exported so callers
+/// need not depend on it themselves).
+pub use tokenizers;

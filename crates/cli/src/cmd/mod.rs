@@ -1,2 +1,6 @@
 //! One module per subcommand.
+pub mod kernels;
+pub mod pairs;
+pub mod push;
+pub mod sample;
 pub mod score;

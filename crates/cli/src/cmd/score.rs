@@ -4,6 +4,10 @@
 //! parallel the way TRL does, pack rows into forwards by a token budget (longest first, so
 //! batches are dense), score, and write the output rows in input order to `<out>.tmp`,
 //! renamed to `<out>` only when everything succeeded — a failed run leaves no output file.
+//!
+//! `--device cuda[:N]` runs the model in bf16 on a GPU (see the model crate); the output has
+//! the same format. `--stats`, `--warmup` and `--profile` are for benchmarks: a JSON summary
+//! (timings, tokens/s, peak GPU memory, and with `--profile` the time per op kind) on stderr.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -32,7 +36,15 @@ order, plus
   \"logp\"         the sum of the completion's token log-probs, and
   \"token_logps\"  log p(c_t | prompt, c_<t) for each completion token.
 Tokenized ids are not added to text rows (re-tokenize, or score ids rows, to get them).
-The output is written to <OUT>.tmp and renamed to <OUT> when every row is scored.";
+The output is written to <OUT>.tmp and renamed to <OUT> when every row is scored.
+
+On a GPU (--device cuda or cuda:N) the model runs in bf16, as transformers does with
+dtype=torch.bfloat16: log-probs differ from the CPU's f32 ones by bf16 rounding (about 1e-2).
+
+--stats prints one line to stderr at the end: `prefer score stats: {JSON}` with the rows,
+tokens, seconds per stage, tokens/s of the scoring stage and, on a GPU, the peak device memory
+(bytes live in prefer's allocator, and reserved from the driver). --profile adds the GPU (or
+CPU) time of each op kind over one extra pass of the first batch.";
 
 #[derive(clap::Args)]
 #[command(after_help = AFTER_HELP)]
@@ -51,38 +63,133 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Tokens per forward pass: rows are packed until their total length reaches this
-    /// (a longer row runs alone).
-    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
-    batch_tokens: u64,
+    /// (a longer row runs alone). Default: 8192 on the CPU, 65536 on a GPU.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_tokens: Option<u64>,
     /// Append the tokenizer's EOS to each text completion (as TRL does for DPO).
     #[arg(long)]
     add_eos: bool,
+    /// Print a JSON summary to stderr at the end: timings, tokens/s, peak GPU memory.
+    #[arg(long)]
+    stats: bool,
+    /// Score the first batch once, untimed, before the timed run (benchmarks: keeps one-off
+    /// start-up costs out of the tokens/s). The output does not change.
+    #[arg(long)]
+    warmup: bool,
+    /// After scoring, time each op kind over one more pass of the first batch and add the
+    /// breakdown to the --stats summary (implies --stats).
+    #[arg(long)]
+    profile: bool,
 }
+
+/// Default token budget per forward: a GPU needs long batches to be busy; on the CPU a
+/// smaller one keeps memory modest at no cost in speed.
+const CPU_BATCH_TOKENS: usize = 8192;
+const GPU_BATCH_TOKENS: usize = 65536;
 
 pub fn run(args: Args) -> Result<()> {
     let device = parse_device(&args.device)?;
-    if device != Device::Cpu {
-        bail!(
-            "--device {device}: the CUDA backend is not available yet in this build; \
-             use --device cpu"
-        );
-    }
+    let budget = args.batch_tokens.map_or(
+        match device {
+            Device::Cpu => CPU_BATCH_TOKENS,
+            Device::Cuda(_) => GPU_BATCH_TOKENS,
+        },
+        |b| b as usize,
+    );
+    let mut timer = StageTimer::default();
     let rows = read_rows(&args.data)?;
+    timer.lap("read_s");
     let model = Model::load(&args.model, device)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let weights_bytes = gpu_memory(device)?.map(|m| m.live);
+    timer.lap("load_s");
     let seqs = tokenize_rows(&rows, &args, model.config().vocab_size)?;
-    let scores = score_all(&model, &seqs, args.batch_tokens as usize)?;
-    write_output(&args.out, &rows, &scores)
+    timer.lap("tokenize_s");
+    let run = score_all(&model, &seqs, budget, args.warmup)?;
+    let score_s = timer.lap("score_s");
+    let profile = if args.profile {
+        Some(profile_first_batch(&model, &seqs, &run)?)
+    } else {
+        None
+    };
+    write_output(&args.out, &rows, &run.scores)?;
+    timer.lap("write_s");
+    if args.stats || args.profile {
+        let mut stats = Map::new();
+        stats.insert("device".into(), Value::from(device.to_string()));
+        stats.insert(
+            "model".into(),
+            Value::from(args.model.display().to_string()),
+        );
+        stats.insert("rows".into(), Value::from(seqs.len()));
+        stats.insert("batches".into(), Value::from(run.batch_ms.len()));
+        stats.insert("batch_tokens".into(), Value::from(budget));
+        stats.insert("tokens".into(), Value::from(run.tokens));
+        stats.insert("scored_tokens".into(), Value::from(run.scored_tokens));
+        stats.insert(
+            "tokens_per_s".into(),
+            Value::from(run.tokens as f64 / score_s.max(1e-9)),
+        );
+        stats.insert("warmup".into(), Value::from(args.warmup));
+        for (name, seconds) in &timer.laps {
+            stats.insert((*name).into(), Value::from(*seconds));
+        }
+        stats.insert("batch_ms".into(), Value::from(run.batch_ms.clone()));
+        if let Some(mem) = gpu_memory(device)? {
+            stats.insert("weights_bytes".into(), Value::from(weights_bytes));
+            stats.insert("peak_live_bytes".into(), Value::from(mem.peak_live));
+            stats.insert("peak_reserved_bytes".into(), Value::from(mem.peak_reserved));
+            stats.insert("driver_allocs".into(), Value::from(mem.driver_allocs));
+        }
+        if let Some(p) = profile {
+            stats.insert("profile".into(), p);
+        }
+        eprintln!("prefer score stats: {}", Value::Object(stats));
+    }
+    Ok(())
 }
 
+/// `cpu`, `cuda` or `cuda:N`, as the engine parses it.
 fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::Cuda(i)),
-            _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
-        },
+    s.parse::<Device>()
+        .map_err(|e| anyhow::anyhow!("--device {s:?}: {e}"))
+}
+
+/// The GPU allocator's counters (None on the CPU).
+fn gpu_memory(device: Device) -> Result<Option<engine::cuda::MemoryStats>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(n) => Ok(Some(
+            engine::cuda::CudaBackend::get(n)
+                .context("the CUDA device")?
+                .memory_stats(),
+        )),
+    }
+}
+
+/// Wall-clock seconds of each stage, in order.
+struct StageTimer {
+    last: Instant,
+    laps: Vec<(&'static str, f64)>,
+}
+
+impl Default for StageTimer {
+    fn default() -> Self {
+        StageTimer {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+}
+
+impl StageTimer {
+    /// Ends the stage `name`: returns and records its seconds.
+    fn lap(&mut self, name: &'static str) -> f64 {
+        let now = Instant::now();
+        let seconds = (now - self.last).as_secs_f64();
+        self.last = now;
+        self.laps.push((name, seconds));
+        seconds
     }
 }
 
@@ -282,10 +389,44 @@ fn plan_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
     batches
 }
 
-/// Completion token log-probs of every row, in row order.
-fn score_all(model: &Model, seqs: &[(Vec<u32>, Vec<u32>)], budget: usize) -> Result<Vec<Vec<f32>>> {
+/// The scores of a run and what the summary reports about it.
+struct ScoreRun {
+    /// Completion token log-probs of every row, in row order.
+    scores: Vec<Vec<f32>>,
+    batches: Vec<Vec<usize>>,
+    /// Wall milliseconds of each batch (forward, log-probs and the copy back).
+    batch_ms: Vec<f64>,
+    /// Prompt + completion tokens, and completion tokens alone.
+    tokens: usize,
+    scored_tokens: usize,
+}
+
+/// The rows of `batch` as the model takes them.
+fn batch_pairs<'a>(
+    seqs: &'a [(Vec<u32>, Vec<u32>)],
+    batch: &[usize],
+) -> Vec<(&'a [u32], &'a [u32])> {
+    batch
+        .iter()
+        .map(|&i| (seqs[i].0.as_slice(), seqs[i].1.as_slice()))
+        .collect()
+}
+
+/// Scores every row in batches of at most `budget` tokens; with `warmup`, the first batch
+/// once more before, untimed.
+fn score_all(
+    model: &Model,
+    seqs: &[(Vec<u32>, Vec<u32>)],
+    budget: usize,
+    warmup: bool,
+) -> Result<ScoreRun> {
     let lens: Vec<usize> = seqs.iter().map(|(p, c)| p.len() + c.len()).collect();
     let batches = plan_batches(&lens, budget);
+    if warmup && let Some(first) = batches.first() {
+        model
+            .completion_stats(&batch_pairs(seqs, first))
+            .context("warming up on the first batch")?;
+    }
     let bar = ProgressBar::new(seqs.len() as u64).with_style(
         ProgressStyle::with_template("scoring [{bar:30}] {pos}/{len} rows, {msg} ({elapsed})")
             .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?
@@ -294,14 +435,13 @@ fn score_all(model: &Model, seqs: &[(Vec<u32>, Vec<u32>)], budget: usize) -> Res
     let start = Instant::now();
     let mut done_tokens = 0usize;
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
-    for batch in batches {
-        let pairs: Vec<(&[u32], &[u32])> = batch
-            .iter()
-            .map(|&i| (seqs[i].0.as_slice(), seqs[i].1.as_slice()))
-            .collect();
+    let mut batch_ms = Vec::with_capacity(batches.len());
+    for batch in &batches {
+        let t0 = Instant::now();
         let stats = model
-            .completion_stats(&pairs)
+            .completion_stats(&batch_pairs(seqs, batch))
             .context("scoring a batch of rows")?;
+        batch_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         for (&i, s) in batch.iter().zip(stats) {
             scores[i] = s.logp;
             done_tokens += lens[i];
@@ -317,7 +457,53 @@ fn score_all(model: &Model, seqs: &[(Vec<u32>, Vec<u32>)], budget: usize) -> Res
         seconds = start.elapsed().as_secs_f64(),
         "scored"
     );
-    Ok(scores)
+    Ok(ScoreRun {
+        scores,
+        batches,
+        batch_ms,
+        tokens: done_tokens,
+        scored_tokens: seqs.iter().map(|(_, c)| c.len()).sum(),
+    })
+}
+
+/// Times each op kind over one more pass of the first batch. GPU ops are timed one by one
+/// with CUDA events (each waits for the one before), so the sum of op times is the GPU's busy
+/// time; `wall_ms` is the same batch's unprofiled time from the scoring run.
+fn profile_first_batch(
+    model: &Model,
+    seqs: &[(Vec<u32>, Vec<u32>)],
+    run: &ScoreRun,
+) -> Result<Value> {
+    let (Some(first), Some(&wall_ms)) = (run.batches.first(), run.batch_ms.first()) else {
+        return Ok(Value::Null);
+    };
+    model.start_profile();
+    let result = model.completion_stats(&batch_pairs(seqs, first));
+    let times = model.stop_profile();
+    result.context("profiling the first batch")?;
+    let total = times.total_ms();
+    let gemm = times.ms(model::OpKind::Gemm);
+    let mut ops = Map::new();
+    for (kind, (ms, calls)) in &times.by_kind {
+        ops.insert(
+            kind.name().into(),
+            serde_json::json!({"ms": ms, "calls": calls}),
+        );
+    }
+    let tokens: usize = first
+        .iter()
+        .map(|&i| seqs[i].0.len() + seqs[i].1.len())
+        .sum();
+    Ok(serde_json::json!({
+        "batch_rows": first.len(),
+        "batch_tokens": tokens,
+        "wall_ms": wall_ms,
+        "ops_total_ms": total,
+        "ops": Value::Object(ops),
+        "gemm_share_of_ops": gemm / total.max(1e-9),
+        "gemm_share_of_wall": gemm / wall_ms.max(1e-9),
+        "note": "gemm = the layers' linear projections; lm_head_logprobs (its GEMMs and the softmax fold) is separate",
+    }))
 }
 
 /// Removes the temporary output unless the run completed.
@@ -401,7 +587,8 @@ mod tests {
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
         assert_eq!(parse_device("cuda").unwrap(), Device::Cuda(0));
         assert_eq!(parse_device("cuda:3").unwrap(), Device::Cuda(3));
-        assert!(parse_device("gpu").is_err());
+        let e = parse_device("gpu").unwrap_err().to_string();
+        assert!(e.contains("--device") && e.contains("cuda:N"), "{e}");
         assert!(parse_device("cuda:x").is_err());
     }
 

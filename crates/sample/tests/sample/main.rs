@@ -2,4 +2,6 @@
 
 mod common;
 mod distribution;
+mod engine;
+mod greedy;
 mod sequences;
