@@ -689,3 +689,45 @@ fn the_temperature_clamp_is_a_warning() {
         "{stderr}"
     );
 }
+
+/// The contract with `prefer pairs`: samples of a gold file without ids join by id (the
+/// fallback `FILE:ROW` both commands build) and become the rejected answers.
+#[test]
+fn samples_join_in_prefer_pairs_by_id() {
+    let model = model_dir("llama-tiny");
+    let dir = temp_dir("pairs");
+    let gold = dir.join("train.csv");
+    std::fs::write(
+        &gold,
+        "instruction,output\n보험료는?,월 3만원입니다.\n해지 환급금은?,없습니다.\n수도는?,서울입니다.\n",
+    )
+    .unwrap();
+    let samples = dir.join("samples.jsonl");
+    ok(&prefer_sample(
+        &model,
+        &gold,
+        &samples,
+        &["--template", "korean", "--max-tokens", "6", "--seed", "5"],
+    ));
+    let sampled = by_key(&read_rows(&samples));
+    let out = dir.join("pairs");
+    let o = Command::new(env!("CARGO_BIN_EXE_prefer"))
+        .args(["pairs", "--gold"])
+        .arg(&gold)
+        .arg("--samples")
+        .arg(&samples)
+        .arg("--out")
+        .arg(&out)
+        .args(["--join", "id", "--keep-truncated", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let pairs = read_rows(&out.join("data/train-00000-of-00001.jsonl"));
+    assert_eq!(pairs.len(), 3);
+    for (row, pair) in pairs.iter().enumerate() {
+        let sample = &sampled[&(format!("train.csv:{row}"), 0)];
+        assert_eq!(pair["prompt"], sample["prompt"]);
+        assert_eq!(pair["rejected"], sample["text"]);
+        assert_eq!(pair["chosen"], sample["output"]);
+    }
+}

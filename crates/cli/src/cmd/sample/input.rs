@@ -10,9 +10,10 @@
 //!   prompt rendered from `instruction` (+ `input`) by the template, or taken from a
 //!   `prompt` column as is. The row's cells are copied to the output.
 //!
-//! Every row gets an `id`: its own (an `id` field, or the column mapped to id), else
-//! `<file name>:<row>`, the row's 0-based index among the file's rows. Ids must be unique:
-//! they are the resume key and what `prefer pairs` joins on.
+//! Every row gets an `id`: its own (an `id` field, or the column mapped to id), else the
+//! data crate's [`ingest::fallback_id`], `<file name>:<row>` with the row's 0-based index
+//! among the file's rows, which `prefer pairs --join id` rebuilds for gold rows. Ids must be
+//! unique: they are the resume key and what `prefer pairs` joins on.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -73,23 +74,10 @@ pub fn read(data: &str, template: Option<&str>, model_dir: &Path) -> Result<Inpu
     Ok(input)
 }
 
-/// The name ids are built from: the file (or folder) name, plus the sheet or split.
-fn source_name(spec: &SourceSpec) -> String {
-    let mut name = spec
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| spec.path.display().to_string());
-    for part in [&spec.sheet, &spec.split].into_iter().flatten() {
-        name.push_str(&format!("[{part}]"));
-    }
-    name
-}
-
 fn read_prompts_jsonl(path: &Path) -> Result<Vec<InputRow>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the input rows {}", path.display()))?;
-    let name = source_name(&SourceSpec::plain(path));
+    let spec = SourceSpec::plain(path);
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -103,7 +91,7 @@ fn read_prompts_jsonl(path: &Path) -> Result<Vec<InputRow>> {
         };
         let prompt = prompt_of(&fields).map_err(|msg| anyhow::anyhow!("{location}: {msg}"))?;
         let id = match fields.get("id") {
-            None | Some(Value::Null) => format!("{name}:{}", rows.len()),
+            None | Some(Value::Null) => ingest::fallback_id(&spec, rows.len()),
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
             Some(other) => bail!(
@@ -213,7 +201,6 @@ fn read_dataset(spec: &SourceSpec, template: Option<&str>, model_dir: &Path) -> 
             }
         );
     }
-    let name = source_name(spec);
     let mut rows = Vec::with_capacity(records.len());
     for record in records {
         let location = format!("{}: {}", table.source, table.location(record.row));
@@ -239,7 +226,7 @@ fn read_dataset(spec: &SourceSpec, template: Option<&str>, model_dir: &Path) -> 
         rows.push(InputRow {
             id: record
                 .id
-                .unwrap_or_else(|| format!("{name}:{}", record.row)),
+                .unwrap_or_else(|| ingest::fallback_id(spec, record.row)),
             location,
             fields,
             prompt: Prompt::Text(prompt),
@@ -324,9 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_names_and_rows_unless_given_and_must_be_unique() {
-        let spec = SourceSpec::parse("dir/train.xlsx:sheet=extra").unwrap();
-        assert_eq!(source_name(&spec), "train.xlsx[extra]");
+    fn ids_must_be_unique() {
         let row = |id: &str, at: &str| InputRow {
             id: id.into(),
             location: at.into(),
