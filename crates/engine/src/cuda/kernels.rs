@@ -19,11 +19,12 @@ pub enum Module {
     Rope,
     Attention,
     Logprobs,
+    PagedAttention,
 }
 
 impl Module {
     /// Every module, in the order `prefer kernels` reports them.
-    pub const ALL: [Module; 7] = [
+    pub const ALL: [Module; 8] = [
         Module::Elementwise,
         Module::Activation,
         Module::Embedding,
@@ -31,6 +32,7 @@ impl Module {
         Module::Rope,
         Module::Attention,
         Module::Logprobs,
+        Module::PagedAttention,
     ];
 
     /// The file stem under kernels/.
@@ -43,6 +45,7 @@ impl Module {
             Module::Rope => "rope",
             Module::Attention => "attention",
             Module::Logprobs => "logprobs",
+            Module::PagedAttention => "paged_attention",
         }
     }
 
@@ -55,6 +58,7 @@ impl Module {
             Module::Rope => include_str!("../../kernels/rope.cu"),
             Module::Attention => include_str!("../../kernels/attention.cu"),
             Module::Logprobs => include_str!("../../kernels/logprobs.cu"),
+            Module::PagedAttention => include_str!("../../kernels/paged_attention.cu"),
         }
     }
 
@@ -79,6 +83,7 @@ impl Module {
                 "attention_simple",
             ],
             Module::Logprobs => &["logprob_init", "logprob_chunk", "logprob_finish"],
+            Module::PagedAttention => super::ops::paged_attention::KERNELS,
         }
     }
 }

@@ -10,6 +10,7 @@ mod elementwise;
 mod embedding;
 mod linear;
 mod logprobs;
+pub(crate) mod paged_attention;
 mod rms_norm;
 mod rope;
 
@@ -19,5 +20,9 @@ pub use elementwise::{add, add_inplace, scale};
 pub use embedding::embedding;
 pub use linear::linear;
 pub use logprobs::{LogProbChunks, TokenStats, logits, token_logprobs};
+pub use paged_attention::{
+    PagedKernel, PagedLayout, SlotMapping, kv_pool, paged_attention, paged_attention_with,
+    paged_kv_write,
+};
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::{Rope, RopeScaling, rope, rope_qkv_split};

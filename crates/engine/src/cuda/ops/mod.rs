@@ -8,6 +8,7 @@ pub(crate) mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod linear;
 pub(crate) mod logprobs;
+pub(crate) mod paged_attention;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 
