@@ -281,11 +281,22 @@ fn stats_and_profile_summarise_the_run() {
     assert_eq!(stats["batches"], 4);
     assert_eq!(stats["batch_ms"].as_array().unwrap().len(), 4);
     let rate = stats["tokens_per_s"].as_f64().unwrap();
-    let score_s = stats["score_s"].as_f64().unwrap();
+    let timed_s = stats["timed_s"].as_f64().unwrap();
     assert!(
-        (rate * score_s - tokens as f64).abs() < 1e-6 * tokens as f64,
+        (rate * timed_s - tokens as f64).abs() < 1e-6 * tokens as f64,
         "{stats}"
     );
+    // The stage holds the warm-up and the timed pass; the timed pass holds every batch.
+    let score_s = stats["score_s"].as_f64().unwrap();
+    let warmup_s = stats["warmup_s"].as_f64().unwrap();
+    assert!(warmup_s > 0.0 && score_s >= timed_s + warmup_s, "{stats}");
+    let batch_ms: f64 = stats["batch_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!(batch_ms <= timed_s * 1e3, "{stats}");
     assert!(
         stats.get("peak_live_bytes").is_none(),
         "no GPU memory on the CPU"

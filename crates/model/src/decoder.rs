@@ -98,7 +98,7 @@ pub(crate) struct DecoderLayer {
     /// q_proj, k_proj and v_proj stacked (that order): the rows [0, H·D) are q's, then
     /// Hkv·D rows of k and Hkv·D of v — the layout `ops::rope_qkv_split` reads.
     pub qkv_proj: Linear, // [(H + 2·Hkv)·D, C]
-    pub o_proj: Linear,   // [C, H·D]
+    pub o_proj: Linear,          // [C, H·D]
     /// Pre-MLP norm (Llama naming), or Gemma-2's norm of the attention output.
     pub post_attention_layernorm: Tensor, // [C]
     /// Gemma-2 only.
@@ -107,7 +107,7 @@ pub(crate) struct DecoderLayer {
     pub post_feedforward_layernorm: Option<Tensor>, // [C]
     /// gate_proj and up_proj stacked (gate first), as `ops::gated_activation_packed` reads.
     pub gate_up_proj: Linear, // [2·I, C]
-    pub down_proj: Linear,    // [C, I]
+    pub down_proj: Linear,       // [C, I]
     /// This layer's sliding window W, if any.
     pub window: Option<usize>,
 }
@@ -167,7 +167,11 @@ impl DecoderLayer {
             input_layernorm: norm(ck, "input_layernorm")?,
             qkv_proj: Linear::load_stacked(
                 ck,
-                &[(&attn("q_proj"), q), (&attn("k_proj"), kv), (&attn("v_proj"), kv)],
+                &[
+                    (&attn("q_proj"), q),
+                    (&attn("k_proj"), kv),
+                    (&attn("v_proj"), kv),
+                ],
                 c,
                 a.qkv_bias,
                 device,

@@ -88,11 +88,12 @@ impl KvCache for CpuKvCache {
                 self.seqs.len()
             )));
         }
-        let (k_new, v_new) = (k.as_slice()?, v.as_slice()?);
         let tq = *layout.q_starts.last().unwrap_or(&0);
         let expected = [tq, self.kv_heads, self.head_dim];
         k.expect_shape("kv cache append (k)", &expected)?;
         v.expect_shape("kv cache append (v)", &expected)?;
+        // A GPU model's keys come back to the host (bf16 → f32 is exact).
+        let (k_new, v_new) = (k.to_vec()?, v.to_vec()?);
         let tkv = *layout.kv_starts.last().unwrap_or(&0);
         let mut k_all = Vec::with_capacity(tkv * self.row);
         let mut v_all = Vec::with_capacity(tkv * self.row);
@@ -120,9 +121,10 @@ impl KvCache for CpuKvCache {
             v_all.extend_from_slice(&store.v);
         }
         let shape = [tkv, self.kv_heads, self.head_dim];
+        let device = k.device();
         Ok((
-            Tensor::from_vec(k_all, &shape)?,
-            Tensor::from_vec(v_all, &shape)?,
+            Tensor::from_vec(k_all, &shape)?.to_device(device)?,
+            Tensor::from_vec(v_all, &shape)?.to_device(device)?,
         ))
     }
 }

@@ -260,10 +260,13 @@ impl Model {
         let rows = rows
             .iter()
             .map(|&r| {
-                u32::try_from(r).ok().filter(|_| r < t).ok_or_else(|| ModelError::Input {
-                    what: "select_rows",
-                    msg: format!("row {r} out of range ({t} rows)"),
-                })
+                u32::try_from(r)
+                    .ok()
+                    .filter(|_| r < t)
+                    .ok_or_else(|| ModelError::Input {
+                        what: "select_rows",
+                        msg: format!("row {r} out of range ({t} rows)"),
+                    })
             })
             .collect::<Result<Vec<u32>>>()?;
         // A gather of rows is an embedding lookup in x with scale 1 (exact).

@@ -164,12 +164,16 @@ mod tests {
         p.run(OpKind::Gemm, cpu, || Ok(())).unwrap();
         assert!(p.stop().by_kind.is_empty());
         let e = p
-            .run(OpKind::Gemm, cpu, || -> std::result::Result<(), EngineError> {
-                Err(EngineError::Arg {
-                    op: "x",
-                    msg: "boom".into(),
-                })
-            })
+            .run(
+                OpKind::Gemm,
+                cpu,
+                || -> std::result::Result<(), EngineError> {
+                    Err(EngineError::Arg {
+                        op: "x",
+                        msg: "boom".into(),
+                    })
+                },
+            )
             .unwrap_err();
         assert!(e.to_string().contains("boom"));
     }

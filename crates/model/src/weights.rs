@@ -148,7 +148,10 @@ impl Checkpoint {
                 msg: "no tensors to stack".into(),
             });
         };
-        let rows: usize = parts.iter().map(|(_, s)| s.first().copied().unwrap_or(1)).sum();
+        let rows: usize = parts
+            .iter()
+            .map(|(_, s)| s.first().copied().unwrap_or(1))
+            .sum();
         let mut shape = first_shape.to_vec();
         if let Some(r) = shape.first_mut() {
             *r = rows;
@@ -501,7 +504,10 @@ mod tests {
 
         // f16 goes through an exact f32: one rounding.
         let f16s: Vec<half::f16> = data[..9].iter().map(|&x| half::f16::from_f32(x)).collect();
-        let f16_bytes: Vec<u8> = f16s.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+        let f16_bytes: Vec<u8> = f16s
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect();
         let mut bits = Vec::new();
         assert!(append_bf16_bits(&mut bits, &f16_bytes, Dtype::F16));
         let want: Vec<u16> = f16s.iter().map(|x| rne_bf16(x.to_f32())).collect();

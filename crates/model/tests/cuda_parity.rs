@@ -8,6 +8,7 @@
 //!   wherever HF's top1 − top2 margin is at least [`MARGIN`] — five times the log-prob
 //!   tolerance, so only a real error can flip it; how many of all positions agree is printed;
 //! - text rows against HF's f32 completion log-probs: < 2e-2 + 1e-4 (the CPU's own bound);
+//! - decoding through a KV cache on the GPU: each step's log-prob within 2e-2 of the CPU's;
 //! - weights: bit-exact bf16 (bf16 checkpoints as stored, f32 ones rounded to nearest-even).
 //!
 //! Every test here needs a GPU: `#[ignore = "needs a CUDA GPU"]`. Build on the CPU machine
@@ -22,7 +23,7 @@ use std::sync::Mutex;
 use engine::Device;
 use engine::cuda::CudaBackend;
 use engine::ops::SeqLayout;
-use model::{Model, OpKind, Tokenizer};
+use model::{CpuKvCache, Model, OpKind, Tokenizer};
 use serde_json::Value;
 
 const GPU: Device = Device::Cuda(0);
@@ -64,7 +65,11 @@ fn fixture_models() -> Vec<(String, PathBuf, Value)> {
         out.push((name, dir, json));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(out.len() >= 9, "expected the nine fixture models, found {}", out.len());
+    assert!(
+        out.len() >= 9,
+        "expected the nine fixture models, found {}",
+        out.len()
+    );
     out
 }
 
@@ -112,7 +117,11 @@ impl ErrStats {
         self.n += 1;
         self.sum += err;
         // NaN must count as a failure, not vanish in max().
-        self.max = if err.is_nan() { f64::NAN } else { self.max.max(err) };
+        self.max = if err.is_nan() {
+            f64::NAN
+        } else {
+            self.max.max(err)
+        };
     }
     fn mean(&self) -> f64 {
         self.sum / self.n.max(1) as f64
@@ -181,7 +190,7 @@ fn fixtures_match_the_cpu_in_bf16() {
                 if i + 1 < lens[s] {
                     let err = (got.logp[r] as f64 - want.logp[r] as f64).abs();
                     logp.add(err);
-                    if !(err < TOL) {
+                    if err.is_nan() || err >= TOL {
                         report.0.push(format!(
                             "{name} seq {s} logprob[{i}]: GPU {} CPU {} (|Δ| {err:.2e})",
                             got.logp[r], want.logp[r]
@@ -251,6 +260,58 @@ fn greedy_outputs_agree_with_hf() {
     report.finish();
 }
 
+/// Decoding through a KV cache on the GPU (prefill of the prompt, then one token a step, so
+/// attention runs with 1 query against all cached keys): HF's greedy tokens fed back one at a
+/// time get the log-probs the CPU's full f32 forward gives them.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn kv_cache_decode_matches_the_cpu() {
+    let _gpu = gpu_lock();
+    let mut report = Report::default();
+    for (name, dir, reference) in fixture_models() {
+        let cpu = Model::load(&dir, Device::Cpu).unwrap();
+        let gpu = Model::load(&dir, GPU).unwrap();
+        let case = &reference["greedy"].as_array().unwrap()[0];
+        let prompt = u32s(&case["prompt_ids"]);
+        let output = u32s(&case["output_ids"]);
+        let want = cpu.completion_stats(&[(&prompt, &output)]).unwrap();
+        let mut cache = CpuKvCache::new(gpu.config(), 1);
+        let mut ids = prompt.clone();
+        let mut fed = 0;
+        let mut err = ErrStats::default();
+        for (step, &next) in output.iter().enumerate() {
+            let new = &ids[fed..];
+            let positions: Vec<u32> = (fed as u32..ids.len() as u32).collect();
+            let layout = SeqLayout {
+                q_starts: vec![0, new.len()],
+                kv_starts: vec![0, ids.len()],
+            };
+            let hidden = gpu
+                .forward_cached(new, &positions, &layout, &mut cache)
+                .unwrap();
+            let last = gpu.select_rows(&hidden, &[new.len() - 1]).unwrap();
+            let got = gpu.token_stats(&last, &[next]).unwrap().logp[0] as f64;
+            let e = (got - want[0].logp[step] as f64).abs();
+            err.add(e);
+            if e.is_nan() || e >= TOL {
+                report.0.push(format!(
+                    "{name} cached decode step {step}: GPU {got}, CPU {} (|Δ| {e:.2e})",
+                    want[0].logp[step]
+                ));
+            }
+            fed = ids.len();
+            ids.push(next);
+        }
+        println!(
+            "{name:<18} KV-cache decode on the GPU: |GPU−CPU| mean {:.2e} max {:.2e} over {} steps",
+            err.mean(),
+            err.max,
+            err.n
+        );
+    }
+    report.finish();
+}
+
 /// Text rows through `completion_stats` on the GPU against HF's f32 log-probs.
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -285,7 +346,7 @@ fn text_rows_match_hf_in_bf16() {
             for (i, (&g, &w)) in stats[r].logp.iter().zip(&want).enumerate() {
                 let e = (g as f64 - w).abs();
                 err.add(e);
-                if !(e < TOL + 1e-4) {
+                if e.is_nan() || e >= TOL + 1e-4 {
                     report.0.push(format!(
                         "{name} text {r} logprob[{i}]: GPU {g}, HF {w} (|Δ| {e:.2e})"
                     ));
@@ -336,7 +397,10 @@ fn weights_upload_as_bf16() {
             .zip(&want)
             .filter(|(g, w)| g.to_bits() != w.to_bits())
             .count();
-        assert_eq!(differ, 0, "{name}: {differ} lm_head elements differ from bf16(CPU)");
+        assert_eq!(
+            differ, 0,
+            "{name}: {differ} lm_head elements differ from bf16(CPU)"
+        );
 
         // Unique parameters × 2 bytes, plus the arena's rounding of each buffer (< 512 bytes
         // for buffers under 1 MiB; at most 10 buffers a layer). A duplicated tied table would
@@ -356,7 +420,10 @@ fn weights_upload_as_bf16() {
             cfg.tie_word_embeddings
         );
         if cfg.tie_word_embeddings {
-            assert!(live < 2 * params + v * c, "{name}: the tied table looks duplicated");
+            assert!(
+                live < 2 * params + v * c,
+                "{name}: the tied table looks duplicated"
+            );
         }
         println!(
             "{name:<18} {live} bytes on the GPU for {params} parameters (tied: {})",
@@ -366,7 +433,11 @@ fn weights_upload_as_bf16() {
     let gemma2 = Model::load(&models.join("gemma2-tiny"), GPU).unwrap();
     let c = gemma2.config().hidden_size as f64;
     assert_eq!(gemma2.embed_scale(), bf16_round(c.sqrt() as f32));
-    assert_ne!(gemma2.embed_scale(), c.sqrt() as f32, "sqrt({c}) is not a bf16 value");
+    assert_ne!(
+        gemma2.embed_scale(),
+        c.sqrt() as f32,
+        "sqrt({c}) is not a bf16 value"
+    );
 }
 
 /// The profiler times the GPU forward per op kind.
@@ -384,7 +455,10 @@ fn profile_counts_the_gpu_ops() {
     let times = gpu.stop_profile();
     // Profiling only adds waits between ops: the same kernels compute the same values.
     for (p, q) in plain[0].logp.iter().zip(&profiled[0].logp) {
-        assert!((p - q).abs() <= 1e-5, "profiling changed a log-prob: {p} vs {q}");
+        assert!(
+            (p - q).abs() <= 1e-5,
+            "profiling changed a log-prob: {p} vs {q}"
+        );
     }
     assert_eq!(plain[0].argmax, profiled[0].argmax);
     let layers = gpu.config().num_layers;

@@ -42,7 +42,8 @@ On a GPU (--device cuda or cuda:N) the model runs in bf16, as transformers does 
 dtype=torch.bfloat16: log-probs differ from the CPU's f32 ones by bf16 rounding (about 1e-2).
 
 --stats prints one line to stderr at the end: `prefer score stats: {JSON}` with the rows,
-tokens, seconds per stage, tokens/s of the scoring stage and, on a GPU, the peak device memory
+tokens, seconds per stage, tokens/s of the timed scoring pass (`timed_s`: after --warmup's
+untimed pass, without it) and, on a GPU, the peak device memory
 (bytes live in prefer's allocator, and reserved from the driver). --profile adds the GPU (or
 CPU) time of each op kind over one extra pass of the first batch.";
 
@@ -106,7 +107,7 @@ pub fn run(args: Args) -> Result<()> {
     let seqs = tokenize_rows(&rows, &args, model.config().vocab_size)?;
     timer.lap("tokenize_s");
     let run = score_all(&model, &seqs, budget, args.warmup)?;
-    let score_s = timer.lap("score_s");
+    timer.lap("score_s");
     let profile = if args.profile {
         Some(profile_first_batch(&model, &seqs, &run)?)
     } else {
@@ -126,11 +127,14 @@ pub fn run(args: Args) -> Result<()> {
         stats.insert("batch_tokens".into(), Value::from(budget));
         stats.insert("tokens".into(), Value::from(run.tokens));
         stats.insert("scored_tokens".into(), Value::from(run.scored_tokens));
+        // The timed pass only: `score_s` below also holds the warm-up pass, if any.
+        stats.insert("timed_s".into(), Value::from(run.seconds));
         stats.insert(
             "tokens_per_s".into(),
-            Value::from(run.tokens as f64 / score_s.max(1e-9)),
+            Value::from(run.tokens as f64 / run.seconds.max(1e-9)),
         );
         stats.insert("warmup".into(), Value::from(args.warmup));
+        stats.insert("warmup_s".into(), Value::from(run.warmup_seconds));
         for (name, seconds) in &timer.laps {
             stats.insert((*name).into(), Value::from(*seconds));
         }
@@ -399,6 +403,10 @@ struct ScoreRun {
     /// Prompt + completion tokens, and completion tokens alone.
     tokens: usize,
     scored_tokens: usize,
+    /// Wall seconds of the timed pass over every batch (the warm-up excluded).
+    seconds: f64,
+    /// Wall seconds of the warm-up pass (0 without one).
+    warmup_seconds: f64,
 }
 
 /// The rows of `batch` as the model takes them.
@@ -422,11 +430,13 @@ fn score_all(
 ) -> Result<ScoreRun> {
     let lens: Vec<usize> = seqs.iter().map(|(p, c)| p.len() + c.len()).collect();
     let batches = plan_batches(&lens, budget);
+    let warmup_start = Instant::now();
     if warmup && let Some(first) = batches.first() {
         model
             .completion_stats(&batch_pairs(seqs, first))
             .context("warming up on the first batch")?;
     }
+    let warmup_seconds = warmup_start.elapsed().as_secs_f64();
     let bar = ProgressBar::new(seqs.len() as u64).with_style(
         ProgressStyle::with_template("scoring [{bar:30}] {pos}/{len} rows, {msg} ({elapsed})")
             .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?
@@ -450,19 +460,17 @@ fn score_all(
         bar.set_message(format!("{rate:.0} tokens/s"));
         bar.inc(batch.len() as u64);
     }
+    let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    tracing::info!(
-        rows = seqs.len(),
-        tokens = done_tokens,
-        seconds = start.elapsed().as_secs_f64(),
-        "scored"
-    );
+    tracing::info!(rows = seqs.len(), tokens = done_tokens, seconds, "scored");
     Ok(ScoreRun {
         scores,
         batches,
         batch_ms,
         tokens: done_tokens,
         scored_tokens: seqs.iter().map(|(_, c)| c.len()).sum(),
+        seconds,
+        warmup_seconds,
     })
 }
 
