@@ -3,57 +3,28 @@
 //! round trip through `datasets.load_dataset`, and bad inputs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
+use testkit::{Ran, TempDir, prefer, run};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data")
+    testkit::fixture("data")
 }
 
-/// A scratch folder removed on drop (the cli crate has no tempfile dependency).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let p =
-            std::env::temp_dir().join(format!("prefer-pairs-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
+/// `prefer pairs --gold G… --samples SAMPLES --out OUT EXTRA…`.
+fn pairs(golds: &[&str], samples: &Path, out: &Path, extra: &[&str]) -> Ran {
+    let mut cmd = prefer!();
+    cmd.arg("pairs");
+    for gold in golds {
+        cmd.args(["--gold", gold]);
     }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-    /// Entries of the folder (to prove no temp output was left behind).
-    fn entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn prefer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prefer"))
-        .args(args)
-        .output()
-        .expect("run prefer")
-}
-
-fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    cmd.arg("--samples")
+        .arg(samples)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+    run(&mut cmd)
 }
 
 fn expected() -> Value {
@@ -90,7 +61,7 @@ fn expected_split(split: &str) -> Vec<[String; 3]> {
         .collect()
 }
 
-fn reference_run(out: &Path, extra: &[&str]) -> Output {
+fn reference_run(out: &Path, extra: &[&str]) -> Ran {
     let f = fixtures();
     let gold_train = format!("train={}", f.join("train.parquet").display());
     let gold_xlsx = format!(
@@ -98,32 +69,19 @@ fn reference_run(out: &Path, extra: &[&str]) -> Output {
         f.join("extra.xlsx").display()
     );
     let gold_valid = format!("validation={}", f.join("validation.parquet").display());
-    let samples = f.join("samples.jsonl").display().to_string();
-    let out = out.display().to_string();
-    let mut args = vec![
-        "pairs",
-        "--gold",
-        &gold_train,
-        "--gold",
-        &gold_xlsx,
-        "--gold",
-        &gold_valid,
-        "--samples",
-        &samples,
-        "--out",
-        &out,
-    ];
-    args.extend_from_slice(extra);
-    prefer(&args)
+    pairs(
+        &[&gold_train, &gold_xlsx, &gold_valid],
+        &f.join("samples.jsonl"),
+        out,
+        extra,
+    )
 }
 
 #[test]
 fn reference_workflow_sources_give_the_expected_pairs_and_report() {
-    let dir = Scratch::new("reference");
-    let out = dir.path("pairs");
-    let run = reference_run(&out, &[]);
-    let (stdout, stderr) = text(&run);
-    assert!(run.status.success(), "{stdout}\n{stderr}");
+    let dir = TempDir::new("reference");
+    let out = dir.join("pairs");
+    let stdout = reference_run(&out, &[]).ok().stdout;
     // Prompts equal the reference workflow's f-string byte for byte (rendered in Python).
     assert_eq!(
         read_split(&out, "train", "parquet"),
@@ -155,8 +113,7 @@ fn reference_workflow_sources_give_the_expected_pairs_and_report() {
     // Parquet rows carry ids, xlsx rows get prefer sample's FILE:ROW ids: every join key
     // finds the same pairs.
     for join in ["id", "prompt"] {
-        let run = reference_run(&out, &["--overwrite", "--join", join]);
-        assert!(run.status.success(), "{join}: {}", text(&run).1);
+        reference_run(&out, &["--overwrite", "--join", join]).ok();
         assert_eq!(
             read_split(&out, "train", "parquet"),
             expected_split("train"),
@@ -165,18 +122,17 @@ fn reference_workflow_sources_give_the_expected_pairs_and_report() {
     }
 
     // Refuses to overwrite, then overwrites on request.
-    let again = reference_run(&out, &[]);
-    assert!(!again.status.success());
+    let again = reference_run(&out, &[]).failed();
     assert!(
-        text(&again).1.contains("already exists (pass --overwrite"),
+        again.stderr.contains("already exists (pass --overwrite"),
         "{}",
-        text(&again).1
+        again.stderr
     );
-    let again = reference_run(
+    reference_run(
         &out,
         &["--overwrite", "--schema", "reference", "--format", "jsonl"],
-    );
-    assert!(again.status.success(), "{}", text(&again).1);
+    )
+    .ok();
     let line = std::fs::read_to_string(out.join("data/train-00000-of-00001.jsonl")).unwrap();
     let first: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     assert_eq!(
@@ -208,19 +164,9 @@ fn every_ingest_format_reads_the_same_rows() {
         format!("train={}", f.join("disk/train").display()),
     ];
     for (i, spec) in specs.iter().enumerate() {
-        let dir = Scratch::new(&format!("formats{i}"));
-        let out = dir.path("o");
-        let samples = f.join("samples.jsonl").display().to_string();
-        let run = prefer(&[
-            "pairs",
-            "--gold",
-            spec,
-            "--samples",
-            &samples,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(run.status.success(), "{spec}: {}", text(&run).1);
+        let dir = TempDir::new(&format!("formats{i}"));
+        let out = dir.join("o");
+        pairs(&[spec], &f.join("samples.jsonl"), &out, &[]).ok();
         assert_eq!(read_split(&out, "train", "parquet"), want, "{spec}");
     }
 }
@@ -228,8 +174,8 @@ fn every_ingest_format_reads_the_same_rows() {
 #[test]
 fn xlsx_second_sheet_and_mapping() {
     let f = fixtures();
-    let dir = Scratch::new("sheet");
-    let samples = dir.path("s.jsonl");
+    let dir = TempDir::new("sheet");
+    let samples = dir.join("s.jsonl");
     let prompt = data::template::korean("추가 시트 질문입니다");
     std::fs::write(
         &samples,
@@ -243,17 +189,8 @@ fn xlsx_second_sheet_and_mapping() {
         "{}:sheet=추가,output=response",
         f.join("extra.xlsx").display()
     );
-    let out = dir.path("o");
-    let run = prefer(&[
-        "pairs",
-        "--gold",
-        &spec,
-        "--samples",
-        samples.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "{}", text(&run).1);
+    let out = dir.join("o");
+    pairs(&[&spec], &samples, &out, &[]).ok();
     assert_eq!(
         read_split(&out, "train", "parquet"),
         vec![[
@@ -266,23 +203,13 @@ fn xlsx_second_sheet_and_mapping() {
 
 /// Runs `prefer pairs` on one bad gold file and checks: exit ≠ 0, the message, no output.
 fn assert_bad_gold(name: &str, bytes: &[u8], spec_suffix: &str, expect: &[&str]) {
-    let dir = Scratch::new(&format!("bad-{name}"));
-    let gold = dir.path(name);
+    let dir = TempDir::new(&format!("bad-{name}"));
+    let gold = dir.join(name);
     std::fs::write(&gold, bytes).unwrap();
     let samples = fixtures().join("samples.jsonl");
     let spec = format!("{}{spec_suffix}", gold.display());
-    let out = dir.path("o");
-    let run = prefer(&[
-        "pairs",
-        "--gold",
-        &spec,
-        "--samples",
-        samples.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let (_, stderr) = text(&run);
-    assert!(!run.status.success(), "{name} should fail");
+    let out = dir.join("o");
+    let stderr = pairs(&[&spec], &samples, &out, &[]).failed().stderr;
     for e in expect {
         assert!(stderr.contains(e), "{name}: expected {e:?} in {stderr}");
     }
@@ -341,38 +268,27 @@ fn bad_inputs_fail_clearly_without_output() {
 
 #[test]
 fn strict_mode_refuses_numeric_cells() {
-    let dir = Scratch::new("strict");
+    let dir = TempDir::new("strict");
     let spec = format!(
         "{}:instruction=질문,output=답변",
         fixtures().join("extra.xlsx").display()
     );
     let samples = fixtures().join("samples.jsonl");
-    let out = dir.path("o");
-    let run = prefer(&[
-        "pairs",
-        "--gold",
-        &spec,
-        "--samples",
-        samples.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--strict",
-    ]);
-    assert!(!run.status.success());
+    let out = dir.join("o");
+    let run = pairs(&[&spec], &samples, &out, &["--strict"]).failed();
     assert!(
-        text(&run)
-            .1
+        run.stderr
             .contains("extra.xlsx[SFT]: row 5, column '답변': expected text, found the number 42"),
         "{}",
-        text(&run).1
+        run.stderr
     );
     assert!(!out.exists());
 }
 
 #[test]
 fn token_budget_ref_logps_holdout_and_chat_template() {
-    let dir = Scratch::new("budget");
-    let model = dir.path("model");
+    let dir = TempDir::new("budget");
+    let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::write(
         model.join("tokenizer.json"),
@@ -384,8 +300,8 @@ fn token_budget_ref_logps_holdout_and_chat_template() {
         r#"{"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'].strip() }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"}"#,
     )
     .unwrap();
-    let gold = dir.path("gold.jsonl");
-    let samples = dir.path("samples.jsonl");
+    let gold = dir.join("gold.jsonl");
+    let samples = dir.join("samples.jsonl");
     let mut g = String::new();
     let mut s = String::new();
     for i in 0..20 {
@@ -407,28 +323,26 @@ fn token_budget_ref_logps_holdout_and_chat_template() {
     }
     std::fs::write(&gold, g).unwrap();
     std::fs::write(&samples, s).unwrap();
-    let out = dir.path("o");
-    let run = prefer(&[
-        "pairs",
-        "--gold",
-        gold.to_str().unwrap(),
-        "--samples",
-        samples.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--template",
-        "chat",
-        "--tokenizer",
-        model.to_str().unwrap(),
-        "--max-length",
-        "20",
-        "--holdout",
-        "validation=0.2",
-        "--seed",
-        "3",
-    ]);
-    let (stdout, stderr) = text(&run);
-    assert!(run.status.success(), "{stdout}{stderr}");
+    let out = dir.join("o");
+    let stdout = pairs(
+        &[gold.to_str().unwrap()],
+        &samples,
+        &out,
+        &[
+            "--template",
+            "chat",
+            "--tokenizer",
+            model.to_str().unwrap(),
+            "--max-length",
+            "20",
+            "--holdout",
+            "validation=0.2",
+            "--seed",
+            "3",
+        ],
+    )
+    .ok()
+    .stdout;
     assert!(
         stdout.contains("5 over the token budget, 15 kept"),
         "{stdout}"
@@ -516,10 +430,9 @@ fn datasets_load_dataset_reads_our_folder() {
         return;
     };
     for format in ["parquet", "jsonl"] {
-        let dir = Scratch::new(&format!("roundtrip-{format}"));
-        let out = dir.path("pairs");
-        let run = reference_run(&out, &["--format", format]);
-        assert!(run.status.success(), "{}", text(&run).1);
+        let dir = TempDir::new(&format!("roundtrip-{format}"));
+        let out = dir.join("pairs");
+        reference_run(&out, &["--format", format]).ok();
         let got: Value =
             serde_json::from_str(&run_python(&python, LOAD, &[out.to_str().unwrap()])).unwrap();
         let splits: Vec<&String> = got.as_object().unwrap().keys().collect();
@@ -551,14 +464,14 @@ fn save_to_disk_output_is_read_by_prefer() {
     let Some(python) = python_with_datasets() else {
         return;
     };
-    let dir = Scratch::new("save-to-disk");
+    let dir = TempDir::new("save-to-disk");
     let rows = serde_json::json!([
         {"질문": "첫 질문\n\"따옴표\"", "답변": "첫 답", "n": 1},
         {"질문": "둘째 질문", "답변": "둘째 답", "n": 2}
     ]);
-    let disk = dir.path("disk");
+    let disk = dir.join("disk");
     run_python(&python, SAVE, &[disk.to_str().unwrap(), &rows.to_string()]);
-    let samples = dir.path("s.jsonl");
+    let samples = dir.join("s.jsonl");
     let mut s = String::new();
     for q in ["첫 질문\n\"따옴표\"", "둘째 질문"] {
         s.push_str(&format!(
@@ -567,21 +480,10 @@ fn save_to_disk_output_is_read_by_prefer() {
         ));
     }
     std::fs::write(&samples, s).unwrap();
-    let out = dir.path("o");
+    let out = dir.join("o");
     let train = format!("train={}:instruction=질문,output=답변", disk.display());
     let valid = format!("validation={}:instruction=질문,output=답변", disk.display());
-    let run = prefer(&[
-        "pairs",
-        "--gold",
-        &train,
-        "--gold",
-        &valid,
-        "--samples",
-        samples.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "{}", text(&run).1);
+    pairs(&[&train, &valid], &samples, &out, &[]).ok();
     let train = read_split(&out, "train", "parquet");
     assert_eq!(train.len(), 2);
     assert_eq!(train[0][0], data::template::korean("첫 질문\n\"따옴표\""));
@@ -593,7 +495,7 @@ fn save_to_disk_output_is_read_by_prefer() {
 /// summed log-prob that score wrote for its (prompt, chosen).
 #[test]
 fn chosen_logps_come_from_prefer_score_output() {
-    let dir = Scratch::new("chosen-logps");
+    let dir = TempDir::new("chosen-logps");
     let template = "아래는 문제를 설명하는 지시사항입니다. 이 요청에 대해 적절하게 답변해주세요.\n\n###지시사항:\n{}\n\n###답변:\n";
     let rows = [
         ("보험료는 언제 내나요?", "매달 말일에 냅니다."),
@@ -620,22 +522,19 @@ fn chosen_logps_come_from_prefer_score_output() {
         ("samples.jsonl", &samples),
         ("score-in.jsonl", &to_score),
     ] {
-        std::fs::write(dir.path(name), body).unwrap();
+        std::fs::write(dir.join(name), body).unwrap();
     }
-    let model = fixtures().join("../models/llama-tiny");
-    let scores = dir.path("scores.jsonl");
-    let run = prefer(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        dir.path("score-in.jsonl").to_str().unwrap(),
-        "--out",
-        scores.to_str().unwrap(),
-        "--add-eos",
-    ]);
-    let (stdout, stderr) = text(&run);
-    assert!(run.status.success(), "{stdout}{stderr}");
+    let model = testkit::fixture("models/llama-tiny");
+    let scores = dir.join("scores.jsonl");
+    run(prefer!()
+        .args(["score", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(dir.join("score-in.jsonl"))
+        .arg("--out")
+        .arg(&scores)
+        .arg("--add-eos"))
+    .ok();
     let want: Vec<f64> = std::fs::read_to_string(&scores)
         .unwrap()
         .lines()
@@ -647,22 +546,19 @@ fn chosen_logps_come_from_prefer_score_output() {
         .collect();
     assert!(want.iter().all(|v| v.is_finite() && *v < 0.0), "{want:?}");
 
-    let out = dir.path("pairs");
-    let run = prefer(&[
-        "pairs",
-        "--gold",
-        dir.path("gold.jsonl").to_str().unwrap(),
-        "--samples",
-        dir.path("samples.jsonl").to_str().unwrap(),
-        "--chosen-logps",
-        scores.to_str().unwrap(),
-        "--format",
-        "jsonl",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let (stdout, stderr) = text(&run);
-    assert!(run.status.success(), "{stdout}{stderr}");
+    let out = dir.join("pairs");
+    pairs(
+        &[dir.join("gold.jsonl").to_str().unwrap()],
+        &dir.join("samples.jsonl"),
+        &out,
+        &[
+            "--chosen-logps",
+            scores.to_str().unwrap(),
+            "--format",
+            "jsonl",
+        ],
+    )
+    .ok();
     let split = std::fs::read_dir(out.join("data"))
         .unwrap()
         .map(|e| e.unwrap().path())

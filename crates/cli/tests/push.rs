@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
+use testkit::{Ran, TempDir, prefer, run};
 
 const TOKEN: &str = "hf_SeCrEtToKeN_1234567890";
 
@@ -46,9 +47,7 @@ impl FakeHub {
             // Bounded: a test run makes a handful of requests; the thread ends with the process.
             for stream in listener.incoming().take(64) {
                 let Ok(stream) = stream else { break };
-                if let Some(req) = serve(stream, port, &behaviour) {
-                    shared.lock().unwrap().push(req);
-                }
+                serve(stream, port, &behaviour, &shared);
             }
         });
         FakeHub { port, log }
@@ -63,7 +62,14 @@ impl FakeHub {
     }
 }
 
-fn serve(mut stream: TcpStream, port: u16, behaviour: &Behaviour) -> Option<Recorded> {
+/// Reads one request, records it, then answers. Recording comes first: once prefer has its
+/// last answer it may exit, and the test reads the log at once.
+fn serve(
+    mut stream: TcpStream,
+    port: u16,
+    behaviour: &Behaviour,
+    log: &Mutex<Vec<Recorded>>,
+) -> Option<()> {
     let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
@@ -95,12 +101,12 @@ fn serve(mut stream: TcpStream, port: u16, behaviour: &Behaviour) -> Option<Reco
         body,
     };
     let (status, answer) = answer(&req, port, behaviour);
+    log.lock().unwrap().push(req);
     let reply = format!(
         "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
         answer.len()
     );
-    stream.write_all(reply.as_bytes()).ok()?;
-    Some(req)
+    stream.write_all(reply.as_bytes()).ok()
 }
 
 fn answer(req: &Recorded, port: u16, b: &Behaviour) -> (u16, String) {
@@ -166,14 +172,12 @@ fn answer(req: &Recorded, port: u16, b: &Behaviour) -> (u16, String) {
     (404, json!({"error": format!("no route {p}")}).to_string())
 }
 
-/// A dataset folder like `prefer pairs` writes, in a scratch directory.
-struct Folder(PathBuf);
+/// A dataset folder like `prefer pairs` writes, and an HF home, in a scratch directory.
+struct Folder(TempDir);
 
 impl Folder {
     fn new(name: &str) -> Folder {
-        let root =
-            std::env::temp_dir().join(format!("prefer-push-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = TempDir::new(&format!("push-{name}"));
         std::fs::create_dir_all(root.join("ds/data")).unwrap();
         std::fs::create_dir_all(root.join("home")).unwrap();
         std::fs::write(
@@ -193,14 +197,8 @@ impl Folder {
     }
 }
 
-impl Drop for Folder {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn push(folder: &Folder, endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_prefer"));
+fn push(folder: &Folder, endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut cmd = prefer!();
     cmd.arg("push")
         .arg(folder.ds())
         .args(["--repo", "u/n", "--endpoint", endpoint])
@@ -212,15 +210,7 @@ fn push(folder: &Folder, endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().unwrap()
-}
-
-fn all_output(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    run(&mut cmd)
 }
 
 /// True when any 5-byte piece of the token's secret part appears in the output, as text or
@@ -272,14 +262,14 @@ fn head_base64(path: &Path, n: usize) -> String {
 fn push_follows_the_commit_api_and_never_shows_the_token() {
     let hub = FakeHub::start(Behaviour::default());
     let folder = Folder::new("main");
-    let out = push(
+    let printed = push(
         &folder,
         &hub.endpoint(),
         &["--private"],
         &[("HF_TOKEN", TOKEN)],
-    );
-    let printed = all_output(&out);
-    assert!(out.status.success(), "{printed}");
+    )
+    .ok()
+    .all();
     assert!(!leaks_token(&printed), "token leaked:\n{printed}");
     assert!(
         printed.contains("ureq::run"),
@@ -374,14 +364,14 @@ fn existing_repo_stored_object_branch_and_token_file() {
         commit_error: None,
     });
     std::fs::write(folder.home().join("token"), format!("{TOKEN}\n")).unwrap();
-    let out = push(
+    let printed = push(
         &folder,
         &hub.endpoint(),
         &["--revision", "refs/pr/1", "--type", "model"],
         &[],
-    );
-    let printed = all_output(&out);
-    assert!(out.status.success(), "{printed}");
+    )
+    .ok()
+    .all();
     assert!(!leaks_token(&printed), "token leaked:\n{printed}");
     assert!(
         printed.contains("repository exists") && printed.contains("already on the Hub"),
@@ -417,21 +407,19 @@ fn server_errors_and_missing_tokens_are_clear() {
         ..Default::default()
     });
     let folder = Folder::new("errors");
-    let out = push(&folder, &hub.endpoint(), &["--token", TOKEN], &[]);
-    let printed = all_output(&out);
-    assert!(!out.status.success());
+    let printed = push(&folder, &hub.endpoint(), &["--token", TOKEN], &[])
+        .failed()
+        .all();
     assert!(
         printed.contains("HTTP 403: You don't have the rights"),
         "{printed}"
     );
     assert!(!leaks_token(&printed), "token leaked:\n{printed}");
 
-    let out = push(&folder, &hub.endpoint(), &[], &[]);
-    assert!(!out.status.success());
+    let printed = push(&folder, &hub.endpoint(), &[], &[]).failed().all();
     assert!(
-        all_output(&out).contains("no token: pass --token, set HF_TOKEN"),
-        "{}",
-        all_output(&out)
+        printed.contains("no token: pass --token, set HF_TOKEN"),
+        "{printed}"
     );
 }
 
@@ -439,14 +427,14 @@ fn server_errors_and_missing_tokens_are_clear() {
 fn dry_run_sends_nothing() {
     let hub = FakeHub::start(Behaviour::default());
     let folder = Folder::new("dry");
-    let out = push(
+    let printed = push(
         &folder,
         &hub.endpoint(),
         &["--dry-run"],
         &[("HF_TOKEN", TOKEN)],
-    );
-    let printed = all_output(&out);
-    assert!(out.status.success(), "{printed}");
+    )
+    .ok()
+    .all();
     assert!(
         printed.contains("would upload 2 files")
             && printed.contains("data/train-00000-of-00001.parquet  3000 bytes"),

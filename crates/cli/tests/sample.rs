@@ -8,39 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-fn fixtures_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("PREFER_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    [std::env::current_dir().ok(), std::env::current_exe().ok()]
-        .iter()
-        .flatten()
-        .flat_map(|s| s.ancestors())
-        .map(|a| a.join("fixtures"))
-        .find(|p| p.join("models").is_dir())
-        .expect("no fixtures/ folder found; set PREFER_FIXTURES")
-}
+use testkit::{Ran, TempDir, f64s, prefer, run, u64s};
 
 fn model_dir(name: &str) -> PathBuf {
-    fixtures_dir().join("models").join(name)
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "prefer-sample-test-{}-{tag}-{n}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    testkit::fixture("models").join(name)
 }
 
 fn write_lines(path: &Path, rows: &[Value]) {
@@ -49,7 +24,7 @@ fn write_lines(path: &Path, rows: &[Value]) {
 }
 
 fn command(model: &Path, data: &str, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_prefer"));
+    let mut c = prefer!();
     c.arg("sample")
         .arg("--model")
         .arg(model)
@@ -61,25 +36,8 @@ fn command(model: &Path, data: &str, out: &Path, extra: &[&str]) -> Command {
     c
 }
 
-fn prefer_sample(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
-    command(model, data.to_str().unwrap(), out, extra)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "prefer sample failed:\n{stderr}");
-    stderr
-}
-
-fn failed(o: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        !o.status.success(),
-        "expected a failure, got success:\n{stderr}"
-    );
-    stderr
+fn prefer_sample(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Ran {
+    run(&mut command(model, data.to_str().unwrap(), out, extra))
 }
 
 fn read_rows(out: &Path) -> Vec<Value> {
@@ -105,18 +63,8 @@ fn by_key(rows: &[Value]) -> BTreeMap<(String, u64), Value> {
         .collect()
 }
 
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
-
 fn greedy_reference(name: &str) -> Vec<Value> {
-    let path = fixtures_dir()
-        .join("reference")
-        .join(format!("{name}.json"));
+    let path = testkit::fixture("reference").join(format!("{name}.json"));
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v["greedy"].as_array().unwrap().clone()
 }
@@ -127,7 +75,7 @@ fn greedy_reference(name: &str) -> Vec<Value> {
 fn greedy_rows_match_hf_generate() {
     for name in ["llama-tiny", "gemma2-tiny", "mistral-tiny"] {
         let cases = greedy_reference(name);
-        let dir = temp_dir("greedy");
+        let dir = TempDir::new("greedy");
         let data = dir.join("prompts.jsonl");
         let rows: Vec<Value> = cases
             .iter()
@@ -154,14 +102,14 @@ fn greedy_rows_match_hf_generate() {
                 "9",
             ],
         );
-        ok(&o);
+        o.ok();
         let got = by_key(&read_rows(&out));
         assert_eq!(got.len(), cases.len());
         for (i, case) in cases.iter().enumerate() {
             let row = &got[&(format!("prompts.jsonl:{i}"), 0)];
             assert_eq!(
-                ids(&row["token_ids"]),
-                ids(&case["output_ids"]),
+                u64s(&row["token_ids"]),
+                u64s(&case["output_ids"]),
                 "{name} case {i}"
             );
             assert_eq!(row["case"], i);
@@ -170,12 +118,7 @@ fn greedy_rows_match_hf_generate() {
             assert_eq!(row["prompt"], Value::Null);
             assert_eq!(row["finish_reason"], "length");
             assert_eq!(row["stop_reason"], Value::Null);
-            let lps: Vec<f64> = row["token_logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
+            let lps = f64s(&row["token_logprobs"]);
             assert_eq!(lps.len(), 40);
             assert!(lps.iter().all(|&x| x <= 0.0));
             let sum: f64 = lps.iter().sum();
@@ -191,7 +134,7 @@ fn greedy_rows_match_hf_generate() {
 #[test]
 fn text_prompts_get_bos_and_their_logprobs_agree_with_score() {
     let model = model_dir("qwen2-tiny");
-    let dir = temp_dir("text");
+    let dir = TempDir::new("text");
     let data = dir.join("rows.jsonl");
     write_lines(
         &data,
@@ -201,7 +144,7 @@ fn text_prompts_get_bos_and_their_logprobs_agree_with_score() {
         ],
     );
     let out = dir.join("s.jsonl");
-    ok(&prefer_sample(
+    prefer_sample(
         &model,
         &data,
         &out,
@@ -215,7 +158,8 @@ fn text_prompts_get_bos_and_their_logprobs_agree_with_score() {
             "--logprobs",
             "0",
         ],
-    ));
+    )
+    .ok();
     let rows = by_key(&read_rows(&out));
     let r = &rows[&("q1".to_string(), 0)];
     assert_eq!(r["prompt"], "###지시사항:\n한국의 수도는?\n\n###답변:\n");
@@ -237,16 +181,14 @@ fn text_prompts_get_bos_and_their_logprobs_agree_with_score() {
     let score_in = dir.join("score_in.jsonl");
     write_lines(&score_in, &ids_rows);
     let score_out = dir.join("score_out.jsonl");
-    let o = Command::new(env!("CARGO_BIN_EXE_prefer"))
+    run(prefer!()
         .args(["score", "--model"])
         .arg(&model)
         .arg("--data")
         .arg(&score_in)
         .arg("--out")
-        .arg(&score_out)
-        .output()
-        .unwrap();
-    ok(&o);
+        .arg(&score_out))
+    .ok();
     for (scored, row) in read_rows(&score_out).iter().zip(rows.values()) {
         let a = scored["token_logps"].as_array().unwrap();
         let b = row["token_logprobs"].as_array().unwrap();
@@ -275,7 +217,7 @@ fn tokenizers_encode(model: &Path, text: &str) -> Vec<u64> {
 #[test]
 fn stop_strings_cut_the_text() {
     let model = model_dir("gemma-tiny");
-    let dir = temp_dir("stop");
+    let dir = TempDir::new("stop");
     let data = dir.join("rows.jsonl");
     write_lines(
         &data,
@@ -285,7 +227,7 @@ fn stop_strings_cut_the_text() {
     );
     let base = ["--temperature", "0", "--ignore-eos", "--max-tokens", "40"];
     let out = dir.join("plain.jsonl");
-    ok(&prefer_sample(&model, &data, &out, &base));
+    prefer_sample(&model, &data, &out, &base).ok();
     let plain = read_rows(&out)[0].clone();
     let text = plain["text"].as_str().unwrap().to_string();
     let chars: Vec<(usize, char)> = text.char_indices().collect();
@@ -304,7 +246,7 @@ fn stop_strings_cut_the_text() {
         if include {
             args.push("--include-stop-str");
         }
-        ok(&prefer_sample(&model, &data, &out, &args));
+        prefer_sample(&model, &data, &out, &args).ok();
         let row = &read_rows(&out)[0];
         let want = if include {
             format!("{}{stop}", &text[..at])
@@ -317,7 +259,7 @@ fn stop_strings_cut_the_text() {
         // Generation ended at the token that completed the stop string.
         let n = row["token_ids"].as_array().unwrap().len();
         assert!(n < 40);
-        assert_eq!(ids(&row["token_ids"]), ids(&plain["token_ids"])[..n]);
+        assert_eq!(u64s(&row["token_ids"]), u64s(&plain["token_ids"])[..n]);
     }
 }
 
@@ -326,7 +268,7 @@ fn stop_strings_cut_the_text() {
 #[test]
 fn n_samples_per_prompt_are_seeded() {
     let model = model_dir("llama-tiny");
-    let dir = temp_dir("n");
+    let dir = TempDir::new("n");
     let data = dir.join("rows.jsonl");
     write_lines(
         &data,
@@ -334,7 +276,7 @@ fn n_samples_per_prompt_are_seeded() {
     );
     let run = |seed: &str, file: &str| {
         let out = dir.join(file);
-        ok(&prefer_sample(
+        prefer_sample(
             &model,
             &data,
             &out,
@@ -348,7 +290,8 @@ fn n_samples_per_prompt_are_seeded() {
                 "--max-tokens",
                 "10",
             ],
-        ));
+        )
+        .ok();
         by_key(&read_rows(&out))
     };
     let a = run("11", "a.jsonl");
@@ -356,7 +299,7 @@ fn n_samples_per_prompt_are_seeded() {
     for row in 0..2 {
         let id = format!("rows.jsonl:{row}");
         let samples: Vec<Vec<u64>> = (0..3)
-            .map(|k| ids(&a[&(id.clone(), k)]["token_ids"]))
+            .map(|k| u64s(&a[&(id.clone(), k)]["token_ids"]))
             .collect();
         assert!(
             samples[0] != samples[1] || samples[1] != samples[2],
@@ -373,7 +316,7 @@ fn n_samples_per_prompt_are_seeded() {
 #[test]
 fn dataset_rows_with_a_template() {
     let model = model_dir("llama-tiny");
-    let dir = temp_dir("dataset");
+    let dir = TempDir::new("dataset");
     let data = dir.join("train.csv");
     std::fs::write(
         &data,
@@ -382,15 +325,13 @@ fn dataset_rows_with_a_template() {
     .unwrap();
     let out = dir.join("s.jsonl");
     let spec = format!("{}:instruction=질문", data.display());
-    let o = command(
+    run(&mut command(
         &model,
         &spec,
         &out,
         &["--template", "korean", "--max-tokens", "4"],
-    )
-    .output()
-    .unwrap();
-    ok(&o);
+    ))
+    .ok();
     let rows = by_key(&read_rows(&out));
     let r = &rows[&("train.csv:1".to_string(), 0)];
     assert_eq!(
@@ -402,15 +343,13 @@ fn dataset_rows_with_a_template() {
 
     // The model's chat template renders BOS itself: it is not added twice.
     let out = dir.join("chat.jsonl");
-    let o = command(
+    run(&mut command(
         &model,
         &spec,
         &out,
         &["--template", "chat", "--max-tokens", "2"],
-    )
-    .output()
-    .unwrap();
-    ok(&o);
+    ))
+    .ok();
     let r = &by_key(&read_rows(&out))[&("train.csv:0".to_string(), 0)];
     let prompt = r["prompt"].as_str().unwrap();
     assert!(
@@ -426,7 +365,7 @@ fn dataset_rows_with_a_template() {
 #[test]
 fn resume_after_a_torn_output_equals_an_uninterrupted_run() {
     let model = model_dir("mistral-tiny");
-    let dir = temp_dir("resume");
+    let dir = TempDir::new("resume");
     let data = dir.join("rows.jsonl");
     let rows: Vec<Value> = (0..6)
         .map(|i| json!({"prompt": format!("질문 {i}: 다음 달 보험료는?")}))
@@ -443,7 +382,7 @@ fn resume_after_a_torn_output_equals_an_uninterrupted_run() {
         "15",
     ];
     let full = dir.join("full.jsonl");
-    ok(&prefer_sample(&model, &data, &full, &args));
+    prefer_sample(&model, &data, &full, &args).ok();
     let full_text = std::fs::read_to_string(&full).unwrap();
     let lines: Vec<&str> = full_text.lines().collect();
     assert_eq!(lines.len(), 12);
@@ -453,7 +392,7 @@ fn resume_after_a_torn_output_equals_an_uninterrupted_run() {
     let mut bytes = format!("{}\n{}\n{}\n", lines[0], lines[1], lines[2]).into_bytes();
     bytes.extend_from_slice(&lines[3].as_bytes()[..lines[3].len() / 2]);
     std::fs::write(&partial, bytes).unwrap();
-    let stderr = ok(&prefer_sample(&model, &data, &partial, &args));
+    let stderr = prefer_sample(&model, &data, &partial, &args).ok().stderr;
     assert!(stderr.contains("incomplete last line"), "{stderr}");
     assert!(stderr.contains("3 of 12 samples already there"), "{stderr}");
     let resumed = std::fs::read_to_string(&partial).unwrap();
@@ -462,7 +401,7 @@ fn resume_after_a_torn_output_equals_an_uninterrupted_run() {
     assert_eq!(read_rows(&partial).len(), 12);
 
     // Once complete, a re-run does nothing.
-    let stderr = ok(&prefer_sample(&model, &data, &partial, &args));
+    let stderr = prefer_sample(&model, &data, &partial, &args).ok().stderr;
     assert!(stderr.contains("nothing to do"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&partial).unwrap(), resumed);
 }
@@ -472,7 +411,7 @@ fn resume_after_a_torn_output_equals_an_uninterrupted_run() {
 #[test]
 fn ctrl_c_stops_cleanly_and_the_run_continues() {
     let model = model_dir("llama-tiny");
-    let dir = temp_dir("ctrlc");
+    let dir = TempDir::new("ctrlc");
     let data = dir.join("rows.jsonl");
     let rows: Vec<Value> = (0..24)
         .map(|i| json!({"prompt_ids": [2, 10 + i, 20, 30]}))
@@ -488,10 +427,8 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
         "--max-num-seqs",
         "2",
     ];
-    let child = command(&model, data.to_str().unwrap(), &out, &args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = command(&model, data.to_str().unwrap(), &out, &args);
+    let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     // Wait for the first finished rows, then interrupt.
     let start = Instant::now();
     loop {
@@ -513,8 +450,9 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
             .unwrap()
             .success()
     );
-    let o = child.wait_with_output().unwrap();
-    let stderr = failed(&o);
+    let stderr = Ran::from_output(format!("{cmd:?}"), child.wait_with_output().unwrap())
+        .failed()
+        .stderr;
     assert!(
         stderr.contains("interrupted") && stderr.contains("run the same command"),
         "{stderr}"
@@ -524,9 +462,7 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
     let first = read_rows(&out).len();
     assert!((2..24).contains(&first), "{first} rows after the interrupt");
 
-    ok(&command(&model, data.to_str().unwrap(), &out, &args)
-        .output()
-        .unwrap());
+    run(&mut command(&model, data.to_str().unwrap(), &out, &args)).ok();
     let rows = read_rows(&out);
     assert_eq!(rows.len(), 24);
     assert_eq!(by_key(&rows).len(), 24);
@@ -540,13 +476,12 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
 #[test]
 fn bad_input_is_a_clear_error_and_loses_nothing() {
     let model = model_dir("llama-tiny");
-    let dir = temp_dir("bad");
+    let dir = TempDir::new("bad");
     let out = dir.join("s.jsonl");
     let existing = "{\"id\":\"x:0\",\"sample_index\":0,\"text\":\"keep me\"}\n";
     std::fs::write(&out, existing).unwrap();
     let check = |spec: &str, extra: &[&str], expect: &[&str]| {
-        let o = command(&model, spec, &out, extra).output().unwrap();
-        let stderr = failed(&o);
+        let stderr = run(&mut command(&model, spec, &out, extra)).failed().stderr;
         for e in expect {
             assert!(stderr.contains(e), "expected {e:?} in:\n{stderr}");
         }
@@ -658,12 +593,18 @@ fn bad_input_is_a_clear_error_and_loses_nothing() {
         &["--device", "cuda"],
         &["cuda", "--device cpu"],
     );
+    let parquet = dir.join("s.parquet");
+    let stderr = prefer_sample(&model, &jsonl, &parquet, &[]).failed().stderr;
+    assert!(
+        stderr.contains("s.parquet") && stderr.contains("parquet output is not available"),
+        "{stderr}"
+    );
+    assert!(!parquet.exists());
 
     // An output file that is not ours is refused and left alone.
     let foreign = dir.join("foreign.jsonl");
     std::fs::write(&foreign, "{\"a\": 1}\n").unwrap();
-    let o = prefer_sample(&model, &jsonl, &foreign, &[]);
-    let stderr = failed(&o);
+    let stderr = prefer_sample(&model, &jsonl, &foreign, &[]).failed().stderr;
     assert!(
         stderr.contains("foreign.jsonl") && stderr.contains("line 1"),
         "{stderr}"
@@ -675,15 +616,17 @@ fn bad_input_is_a_clear_error_and_loses_nothing() {
 #[test]
 fn the_temperature_clamp_is_a_warning() {
     let model = model_dir("llama-tiny");
-    let dir = temp_dir("clamp");
+    let dir = TempDir::new("clamp");
     let data = dir.join("rows.jsonl");
     write_lines(&data, &[json!({"prompt": "a"})]);
-    let stderr = ok(&prefer_sample(
+    let stderr = prefer_sample(
         &model,
         &data,
         &dir.join("s.jsonl"),
         &["--temperature", "0.001", "--max-tokens", "2"],
-    ));
+    )
+    .ok()
+    .stderr;
     assert!(
         stderr.contains("temperature 0.001") && stderr.contains("raised to 0.01"),
         "{stderr}"
@@ -695,7 +638,7 @@ fn the_temperature_clamp_is_a_warning() {
 #[test]
 fn samples_join_in_prefer_pairs_by_id() {
     let model = model_dir("llama-tiny");
-    let dir = temp_dir("pairs");
+    let dir = TempDir::new("pairs");
     let gold = dir.join("train.csv");
     std::fs::write(
         &gold,
@@ -703,25 +646,24 @@ fn samples_join_in_prefer_pairs_by_id() {
     )
     .unwrap();
     let samples = dir.join("samples.jsonl");
-    ok(&prefer_sample(
+    prefer_sample(
         &model,
         &gold,
         &samples,
         &["--template", "korean", "--max-tokens", "6", "--seed", "5"],
-    ));
+    )
+    .ok();
     let sampled = by_key(&read_rows(&samples));
     let out = dir.join("pairs");
-    let o = Command::new(env!("CARGO_BIN_EXE_prefer"))
+    run(prefer!()
         .args(["pairs", "--gold"])
         .arg(&gold)
         .arg("--samples")
         .arg(&samples)
         .arg("--out")
         .arg(&out)
-        .args(["--join", "id", "--keep-truncated", "--format", "jsonl"])
-        .output()
-        .unwrap();
-    ok(&o);
+        .args(["--join", "id", "--keep-truncated", "--format", "jsonl"]))
+    .ok();
     let pairs = read_rows(&out.join("data/train-00000-of-00001.jsonl"));
     assert_eq!(pairs.len(), 3);
     for (row, pair) in pairs.iter().enumerate() {

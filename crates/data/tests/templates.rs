@@ -3,15 +3,9 @@
 //! gemma-style and a chatml template; every case must match byte for byte, and every case
 //! where the template raised must fail with the template's message.
 
-use std::path::{Path, PathBuf};
-
 use data::DataError;
 use data::template::{ChatMessage, ChatTemplate, Template, parse_ordered_json};
 use minijinja::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
 
 fn field(case: &Value, key: &str) -> Value {
     case.get_attr(key)
@@ -20,7 +14,7 @@ fn field(case: &Value, key: &str) -> Value {
 
 #[test]
 fn transformers_apply_chat_template_cases() {
-    let dir = fixtures().join("templates");
+    let dir = testkit::fixture("templates");
     let cases_path = dir.join("cases.json");
     if !cases_path.exists() {
         eprintln!(
@@ -65,7 +59,7 @@ fn transformers_apply_chat_template_cases() {
 
 #[test]
 fn model_dir_chat_template_renders_the_prompt_transformers_would() {
-    let tokenizer = fixtures().join("tokenizer");
+    let tokenizer = testkit::fixture("tokenizer");
     if !tokenizer.join("tokenizer_config.json").exists() {
         eprintln!("NOTICE: fixtures/tokenizer is absent; skipping");
         return;
@@ -94,7 +88,7 @@ fn model_dir_chat_template_renders_the_prompt_transformers_would() {
 
 #[test]
 fn builtin_chatml_equals_the_chatml_file_given_a_system_turn() {
-    let file = fixtures().join("templates/chatml.jinja");
+    let file = testkit::fixture("templates/chatml.jinja");
     if !file.exists() {
         eprintln!("NOTICE: {} is absent; skipping", file.display());
         return;

@@ -237,14 +237,24 @@ impl DecoderLayer {
             )
         })?; // [Tq, H, D], [Tq, Hkv, D], [Tq, Hkv, D]
         drop(qkv);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(self.index, ctx.layout, &k, &v)?, // [Tkv, Hkv, D] each
-            None => (k, v),
-        };
         let params = attention_params(a, self.window);
-        let attn = prof.run(OpKind::Attention, dev, || {
-            ops::attention(&q, &k, &v, ctx.layout, &params)
-        })?;
+        let attn = match cache {
+            // A paged cache writes the new keys and values and attends through its block
+            // tables, reading the cached keys in place.
+            Some(cache) if cache.attends_in_place() => prof.run(OpKind::Attention, dev, || {
+                cache.attend(self.index, ctx.layout, &q, &k, &v, &params)
+            })?,
+            cache => {
+                let (k_all, v_all) = match cache {
+                    Some(cache) => cache.append(self.index, ctx.layout, &k, &v)?, // [Tkv, Hkv, D] each
+                    // Shared storage, not a copy.
+                    None => (k.clone(), v.clone()),
+                };
+                prof.run(OpKind::Attention, dev, || {
+                    ops::attention(&q, &k_all, &v_all, ctx.layout, &params)
+                })?
+            }
+        };
         drop((q, k, v));
         let attn = attn.out.reshape(&[t, cfg.q_dim()])?; // [Tq, H·D]
         let mut attn = self.o_proj.forward(&attn, prof)?; // [Tq, C]

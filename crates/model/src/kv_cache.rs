@@ -7,8 +7,8 @@
 //! the prompt cached; decode: q_len == 1). Each layer appends its new keys/values (after
 //! RoPE) and attends over everything the cache returns.
 
-use engine::Tensor;
-use engine::ops::SeqLayout;
+use engine::ops::{AttentionOut, AttentionParams, SeqLayout};
+use engine::{EngineError, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -26,6 +26,31 @@ pub trait KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)>;
+
+    /// Whether the layers should call [`KvCache::attend`] instead of `append` (a paged
+    /// cache whose kernel reads the keys in place, without a packed copy).
+    fn attends_in_place(&self) -> bool {
+        false
+    }
+
+    /// Stores layer `layer`'s new keys and values, as `append` does, and returns the
+    /// attention of q: [Tq, H, D] over every position of each sequence: what
+    /// `ops::attention(q, k, v, layout, params)` gives over the keys `append` returns. Only
+    /// called when [`KvCache::attends_in_place`].
+    fn attend(
+        &mut self,
+        _layer: usize,
+        _layout: &SeqLayout,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _params: &AttentionParams,
+    ) -> std::result::Result<AttentionOut, EngineError> {
+        Err(EngineError::Arg {
+            op: "kv cache attend",
+            msg: "this cache does not attend in place; call append".into(),
+        })
+    }
 }
 
 /// Keys and values of one sequence in one layer, row-major [positions, Hkv, D].

@@ -119,6 +119,33 @@ pub trait StepModel {
     /// Forgets anything the model keeps per sequence (finished or preempted). The blocks of
     /// the sequence may be handed to another sequence in the next step.
     fn free(&mut self, _seq: SeqId) {}
+    /// Where the model's step time went, in a line for the run's summary (None: not
+    /// measured).
+    fn time_summary(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A boxed model is a model: a caller picks the runner (CPU or GPU) at run time.
+impl<M: StepModel + ?Sized> StepModel for Box<M> {
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
+    }
+    fn max_model_len(&self) -> usize {
+        (**self).max_model_len()
+    }
+    fn kv_geometry(&self) -> KvGeometry {
+        (**self).kv_geometry()
+    }
+    fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
+        (**self).step(batch)
+    }
+    fn free(&mut self, seq: SeqId) {
+        (**self).free(seq)
+    }
+    fn time_summary(&self) -> Option<String> {
+        (**self).time_summary()
+    }
 }
 
 /// Step limits (vLLM's names).

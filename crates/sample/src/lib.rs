@@ -9,6 +9,8 @@
 //!   [`ValidParams`].
 //! - `processors`: the logits pipeline in vLLM V1's order — min_tokens masking,
 //!   repetition/frequency/presence penalties, temperature, min_p, top_k, top_p.
+//! - `candidates`: the sampler's fast path — the same draw from a row's top candidates when
+//!   the parameters allow (top_k ≤ 64, no penalties / min_p / min_tokens mask).
 //! - `sampler`: greedy argmax (ties → lowest id) or a draw from a per-sequence seeded RNG
 //!   ([`Sampler`], [`SequenceRng`]), with the raw (unprocessed) log-probs vLLM reports by
 //!   default.
@@ -27,8 +29,15 @@
 //! - `kv_blocks`: the paged KV cache's block tables and free list.
 //! - `paged_kv` + `model_runner`: [`ModelRunner`], a [`model::Model`] on the CPU as a
 //!   [`StepModel`], its KV cache in a paged pool read through the block tables.
+//! - `paged_runner`: [`PagedRunner`], the device path (a GPU above all): per-layer K/V
+//!   pools from `engine::ops::kv_pool`, written with `paged_kv_write` through one
+//!   `PagedLayout` per step, LM head on each sequence's last row on the device, one logits
+//!   copy per step; [`plan_gpu_memory`] sizes the pools from `gpu_memory_utilization`.
 //! - `output`: the samples file — rows ([`sample_row`]), appended as sequences finish and
 //!   resumed after a crash ([`SamplesFile`]).
+//!
+//! Tests of other crates can turn on the `testing` feature for `testing`: sequences forced
+//! through chosen tokens.
 //!
 //! Reproducibility: each sequence owns its RNG (from its request's seed, or from a global
 //! seed and a stable request key), so its draws do not depend on the rest of the batch.
@@ -58,6 +67,7 @@
 //! assert_eq!(out.finish.unwrap().reason.as_str(), "length"); // max_tokens reached
 //! ```
 
+mod candidates;
 mod detok;
 mod engine;
 mod error;
@@ -65,6 +75,7 @@ mod kv_blocks;
 mod model_runner;
 mod output;
 mod paged_kv;
+mod paged_runner;
 mod params;
 mod processors;
 mod sampler;
@@ -74,6 +85,8 @@ mod stop;
 
 #[cfg(test)]
 mod test_util;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use detok::IncrementalDetokenizer;
 pub use engine::{
@@ -83,6 +96,9 @@ pub use error::{Result, SampleError};
 pub use model_runner::ModelRunner;
 pub use output::Resume;
 pub use output::{RowContext, SAMPLE_FIELDS, SampleKey, SamplesFile, sample_row};
+pub use paged_runner::{
+    GpuMemoryPlan, KV_READ_ENV, KvRead, PagedRunner, RunnerTimes, STEP_TRACE_ENV, plan_gpu_memory,
+};
 pub use params::{GREEDY_TEMPERATURE_EPS, MIN_SAMPLING_TEMPERATURE, SamplingParams, ValidParams};
 pub use processors::TokenHistory;
 pub use sampler::{SampledToken, Sampler, SequenceRng};

@@ -39,20 +39,8 @@ impl ModelRunner {
                 msg: "must be at least 1".into(),
             });
         }
+        let max_model_len = context_len(&model, max_model_len)?;
         let c = model.config();
-        let context = c.max_position_embeddings;
-        let max_model_len = match max_model_len {
-            Some(m) if m > context => {
-                return Err(SampleError::EngineConfig {
-                    name: "max_model_len",
-                    msg: format!(
-                        "{m} is longer than the model's max_position_embeddings ({context})"
-                    ),
-                });
-            }
-            Some(m) => m,
-            None => context,
-        };
         let pool = KvPool::new(
             c.num_layers,
             c.num_kv_heads,
@@ -121,6 +109,20 @@ impl StepModel for ModelRunner {
         let rows = last_rows(&hidden, &last)?; // [B, C]
         let logits = self.model.logits(&rows).map_err(SampleError::model)?; // [B, V]
         logits.to_vec().map_err(SampleError::model)
+    }
+}
+
+/// A runner's context: the config's `max_position_embeddings`, or `max_model_len` if given
+/// and not longer.
+pub(crate) fn context_len(model: &Model, max_model_len: Option<usize>) -> Result<usize> {
+    let context = model.config().max_position_embeddings;
+    match max_model_len {
+        Some(m) if m > context => Err(SampleError::EngineConfig {
+            name: "max_model_len",
+            msg: format!("{m} is longer than the model's max_position_embeddings ({context})"),
+        }),
+        Some(m) => Ok(m),
+        None => Ok(context),
     }
 }
 

@@ -368,40 +368,19 @@ mod tests {
 
     /// A finished sequence over the fixture tokenizer: "서울" forced, then EOS.
     fn finished_sequence(logprobs: Option<i32>) -> SequenceState {
-        use std::sync::Arc;
-
         use crate::params::SamplingParams;
-        use crate::sampler::Sampler;
-        use crate::sequence::NewSequence;
-        use crate::stop::StopTokens;
         use crate::test_util::fixture_tokenizer;
+        use crate::testing::forced_sequence;
 
         let tok = fixture_tokenizer();
-        let params = Arc::new(
-            SamplingParams {
-                temperature: 0.0,
-                logprobs,
-                ..Default::default()
-            }
-            .validate()
-            .unwrap(),
-        );
-        let mut seq = SequenceState::new(NewSequence {
-            stop_tokens: Arc::new(StopTokens::new(&params, Some(1), &[])),
-            rng: Sampler::new(0).rng_for(&params, 0, 0),
-            params,
-            prompt_ids: vec![2, 40, 41],
-            tokenizer: tok.clone(),
-            max_model_len: None,
-        })
-        .unwrap();
         let mut ids = tok.encode("서울", false).unwrap().get_ids().to_vec();
         ids.push(1);
-        for id in ids {
-            let mut row = vec![0.0f32; 1003];
-            row[id as usize] = 5.0;
-            seq.step(&row).unwrap();
-        }
+        let params = SamplingParams {
+            temperature: 0.0,
+            logprobs,
+            ..Default::default()
+        };
+        let seq = forced_sequence(params, vec![2, 40, 41], tok, 1, 1003, &ids);
         assert!(seq.is_finished());
         seq
     }
@@ -448,12 +427,7 @@ mod tests {
         assert_eq!(row["prompt_token_count"], 3);
         assert_eq!(row["finish_reason"], "stop");
         assert_eq!(row["stop_reason"], Value::Null); // EOS
-        let ids: Vec<u64> = row["token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let ids = testkit::u64s(&row["token_ids"]);
         assert_eq!(ids.last(), Some(&1));
         let lps = row["token_logprobs"].as_array().unwrap();
         assert_eq!(lps.len(), ids.len());

@@ -414,122 +414,41 @@ mod tests {
         assert!(e.contains("greedy"), "{e}");
     }
 
+    /// The default parameters with one change.
+    fn with(change: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        change(&mut p);
+        p
+    }
+
     #[test]
     fn ranges_are_checked_like_vllm() {
         let cases: Vec<(SamplingParams, &str)> = vec![
+            (with(|p| p.n = 0), "`n`"),
+            (with(|p| p.presence_penalty = 2.5), "presence_penalty"),
+            (with(|p| p.frequency_penalty = -2.1), "frequency_penalty"),
+            (with(|p| p.repetition_penalty = 0.0), "repetition_penalty"),
             (
-                SamplingParams {
-                    n: 0,
-                    ..Default::default()
-                },
-                "`n`",
-            ),
-            (
-                SamplingParams {
-                    presence_penalty: 2.5,
-                    ..Default::default()
-                },
-                "presence_penalty",
-            ),
-            (
-                SamplingParams {
-                    frequency_penalty: -2.1,
-                    ..Default::default()
-                },
-                "frequency_penalty",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
+                with(|p| p.repetition_penalty = f64::INFINITY),
                 "repetition_penalty",
             ),
+            (with(|p| p.temperature = -0.5), "temperature"),
+            (with(|p| p.temperature = 2.5), "temperature"),
+            (with(|p| p.temperature = f64::NAN), "temperature"),
+            (with(|p| p.top_p = 0.0), "top_p"),
+            (with(|p| p.top_p = 1.01), "top_p"),
+            (with(|p| p.top_k = -2), "top_k"),
+            (with(|p| p.min_p = 1.5), "min_p"),
+            (with(|p| p.max_tokens = Some(0)), "max_tokens"),
             (
-                SamplingParams {
-                    repetition_penalty: f64::INFINITY,
-                    ..Default::default()
-                },
-                "repetition_penalty",
-            ),
-            (
-                SamplingParams {
-                    temperature: -0.5,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    temperature: 2.5,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    temperature: f64::NAN,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    top_p: 1.01,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    top_k: -2,
-                    ..Default::default()
-                },
-                "top_k",
-            ),
-            (
-                SamplingParams {
-                    min_p: 1.5,
-                    ..Default::default()
-                },
-                "min_p",
-            ),
-            (
-                SamplingParams {
-                    max_tokens: Some(0),
-                    ..Default::default()
-                },
-                "max_tokens",
-            ),
-            (
-                SamplingParams {
-                    max_tokens: Some(4),
-                    min_tokens: 5,
-                    ..Default::default()
-                },
+                with(|p| {
+                    p.max_tokens = Some(4);
+                    p.min_tokens = 5;
+                }),
                 "min_tokens",
             ),
-            (
-                SamplingParams {
-                    logprobs: Some(-2),
-                    ..Default::default()
-                },
-                "logprobs",
-            ),
-            (
-                SamplingParams {
-                    stop: vec!["a".into(), String::new()],
-                    ..Default::default()
-                },
-                "stop",
-            ),
+            (with(|p| p.logprobs = Some(-2)), "logprobs"),
+            (with(|p| p.stop = vec!["a".into(), String::new()]), "stop"),
         ];
         for (p, name) in cases {
             let e = err_of(p.clone());

@@ -94,6 +94,22 @@ impl Sampler {
         banned: &[u32],
         rng: &mut SequenceRng,
     ) -> Result<SampledToken> {
+        // The same token from the row's top candidates, when the parameters allow it.
+        if let Some(token) = crate::candidates::sample_candidates(raw, params, banned, rng)? {
+            return Ok(token);
+        }
+        Self::sample_reference(raw, params, history, banned, rng)
+    }
+
+    /// [`Sampler::sample`] through the whole pipeline on the whole row: the reference the
+    /// fast path is tested against.
+    pub(crate) fn sample_reference(
+        raw: &[f32], // [V]
+        params: &ValidParams,
+        history: &TokenHistory,
+        banned: &[u32],
+        rng: &mut SequenceRng,
+    ) -> Result<SampledToken> {
         check_row(raw)?;
         let mut work = raw.to_vec();
         process_row(&mut work, params, history, banned)?;

@@ -12,6 +12,7 @@
 mod input;
 mod settings;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +24,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use model::{GenerationConfig, Model, ModelConfig, Tokenizer};
 use rayon::prelude::*;
 use sample::{
-    Engine, EngineConfig, ModelRunner, NewSequence, RowContext, SampleKey, Sampler, SamplesFile,
-    SequenceState, StopTokens, ValidParams, sample_row,
+    Engine, EngineConfig, ModelRunner, NewSequence, PagedRunner, RowContext, SampleKey, Sampler,
+    SamplesFile, SequenceState, StepModel, StopTokens, ValidParams, plan_gpu_memory, sample_row,
 };
 
 use input::{InputRow, Prompt};
@@ -38,7 +39,8 @@ Input (--data):
   folders) with a column mapping, PATH[:instruction=COL,input=COL,prompt=COL,id=COL,sheet=S,
   split=S], and --template to build prompts from instructions.
   Every row needs a non-empty prompt; ids (an id field/column, else FILE:ROW with ROW the
-  0-based row index) must be unique.
+  0-based row index) must be unique. A row's own \"max_tokens\" (a positive integer field or
+  column) overrides --max-tokens for that row.
 
 Output (--out, JSON Lines, appended as completions finish, in finishing order): per
   completion id, sample_index, the input row's fields, prompt, prompt_token_count, text,
@@ -71,9 +73,14 @@ pub struct Args {
     /// false for chat templates and template files, which render them].
     #[arg(long, value_name = "BOOL")]
     add_special_tokens: Option<bool>,
-    /// Where to run: cpu or cuda.
+    /// Where to run: cpu, cuda (GPU 0) or cuda:N. On a GPU the weights are bf16 and the KV
+    /// cache lives in paged pools on the device.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Fraction of the GPU's memory this run may use (vLLM's gpu_memory_utilization): the
+    /// KV cache gets what the weights and the largest step's activations leave of it.
+    #[arg(long, default_value_t = 0.9, value_name = "FRACTION")]
+    gpu_memory_utilization: f64,
     #[command(flatten)]
     sampling: SamplingFlags,
     /// Context length (prompt + output) [default: the model's max_position_embeddings].
@@ -82,10 +89,11 @@ pub struct Args {
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     block_size: u64,
-    /// Memory for the KV cache, in GiB (the pool is never larger than max_num_seqs
-    /// sequences of the longest possible length need).
-    #[arg(long, default_value_t = 4.0, value_name = "GIB")]
-    kv_cache_memory: f64,
+    /// Memory for the KV cache, in GiB [default: 4 on the CPU; on a GPU, sized from
+    /// --gpu-memory-utilization]. The pool is never larger than max_num_seqs sequences of
+    /// the longest possible length need.
+    #[arg(long, value_name = "GIB")]
+    kv_cache_memory: Option<f64>,
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     max_num_seqs: u64,
@@ -95,13 +103,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    match args.device.as_str() {
-        "cpu" => {}
-        d if d == "cuda" || d.starts_with("cuda:") => bail!(
-            "--device {d}: the CUDA generation path has not landed yet in this build; use \
-             --device cpu"
-        ),
-        d => bail!("--device {d:?}: expected cpu or cuda"),
+    let device: Device = args
+        .device
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--device {:?}: expected cpu, cuda or cuda:N", args.device))?;
+    // Fail before any input is read when the GPU cannot be used.
+    if let Device::Cuda(n) = device {
+        engine::cuda::CudaBackend::get(n).map_err(|e| {
+            anyhow::anyhow!("--device {device}: {e} (--device cpu runs without a GPU)")
+        })?;
     }
     let ext = args.out.extension().and_then(|e| e.to_str()).unwrap_or("");
     if ext.eq_ignore_ascii_case("parquet") {
@@ -111,11 +121,14 @@ pub fn run(args: Args) -> Result<()> {
             args.out.display()
         );
     }
-    if !(args.kv_cache_memory > 0.0 && args.kv_cache_memory.is_finite()) {
-        bail!(
-            "--kv-cache-memory {}: expected a positive number of GiB",
-            args.kv_cache_memory
-        );
+    if let Some(gib) = args.kv_cache_memory
+        && !(gib > 0.0 && gib.is_finite())
+    {
+        bail!("--kv-cache-memory {gib}: expected a positive number of GiB");
+    }
+    let utilization = args.gpu_memory_utilization;
+    if !(utilization > 0.0 && utilization <= 1.0) {
+        bail!("--gpu-memory-utilization {utilization}: expected a fraction in (0, 1]");
     }
     let params = sampling_params(&args.sampling)?;
 
@@ -133,6 +146,19 @@ pub fn run(args: Args) -> Result<()> {
         .min(config.max_position_embeddings);
     let prompts = tokenize(&input.rows, &tokenizer, add_special)?;
     check_prompts(&input.rows, &prompts, config.vocab_size, max_model_len)?;
+    let row_max_tokens = row_max_tokens(&input.rows)?;
+    // The longest a sequence can get: what the KV cache is sized for.
+    let longest = prompts
+        .iter()
+        .zip(&row_max_tokens)
+        .map(|(p, m)| {
+            let out = m
+                .or(params.max_tokens)
+                .map_or(max_model_len, |m| m as usize);
+            (p.len() + out).min(max_model_len)
+        })
+        .max()
+        .unwrap_or(0);
 
     // What is left to do.
     let (mut out, resume) = SamplesFile::open(&args.out)?;
@@ -162,9 +188,13 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
-    let model = Model::load(&args.model, Device::Cpu)
-        .with_context(|| format!("loading the model from {}", args.model.display()))?;
-    let runner = runner(&args, model, &params, &prompts, max_model_len)?;
+    let model = Model::load(&args.model, device).with_context(|| {
+        format!(
+            "loading the model from {} onto {device}",
+            args.model.display()
+        )
+    })?;
+    let runner = runner(&args, model, longest, max_model_len)?;
     let engine_config = EngineConfig {
         max_num_seqs: args.max_num_seqs as usize,
         max_num_batched_tokens: args.max_num_batched_tokens as usize,
@@ -207,10 +237,28 @@ pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let target_queue = (args.max_num_seqs as usize).saturating_mul(2).max(1);
     let mut pending = todo.into_iter();
+    // Parameters of the rows with their own max_tokens, one per value.
+    let mut by_max_tokens: HashMap<u32, Arc<ValidParams>> = HashMap::new();
     loop {
         while engine.num_unfinished() < target_queue {
             let Some((r, k)) = pending.next() else { break };
             let row = &input.rows[r];
+            let params = match row_max_tokens[r] {
+                None => params.clone(),
+                Some(m) => match by_max_tokens.get(&m) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let mut p = params.params().clone();
+                        p.max_tokens = Some(m);
+                        let p = Arc::new(
+                            p.validate()
+                                .with_context(|| format!("{}: max_tokens {m}", row.location))?,
+                        );
+                        by_max_tokens.insert(m, p.clone());
+                        p
+                    }
+                },
+            };
             let new = NewSequence {
                 params: params.clone(),
                 prompt_ids: prompts[r].clone(),
@@ -241,6 +289,9 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     out.sync()?;
+    if let Some(times) = engine.model().time_summary() {
+        eprintln!("{times}");
+    }
     let stats = engine.stats();
     let secs = start.elapsed().as_secs_f64();
     if interrupted.load(Ordering::SeqCst) {
@@ -287,6 +338,24 @@ fn stable_hash(id: &str) -> u64 {
     id.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
     })
+}
+
+/// Each row's own `max_tokens` (a positive integer field of a ready-prompt row, or a
+/// column), which overrides `--max-tokens` for that row, as a per-request SamplingParams
+/// does in vLLM.
+fn row_max_tokens(rows: &[InputRow]) -> Result<Vec<Option<u32>>> {
+    rows.iter()
+        .map(|row| match row.fields.get("max_tokens") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) if n > 0 => Ok(Some(n)),
+                _ => bail!(
+                    "{}: \"max_tokens\" must be a positive integer (the row's own limit), got {v}",
+                    row.location
+                ),
+            },
+        })
+        .collect()
 }
 
 /// Token ids of every prompt, in row order.
@@ -346,37 +415,77 @@ fn check_prompts(
     Ok(())
 }
 
-/// The model behind the engine, with a KV pool of `--kv-cache-memory`, but no larger than
-/// `max_num_seqs` sequences of the longest possible length need.
+/// The model behind the engine. On the CPU: [`ModelRunner`] with a KV pool of
+/// `--kv-cache-memory` (4 GiB by default). On a GPU: [`PagedRunner`], its pools sized from
+/// `--gpu-memory-utilization` (or `--kv-cache-memory` when given). Either way the pool is no
+/// larger than `max_num_seqs` sequences of the longest possible length need.
 fn runner(
     args: &Args,
     model: Model,
-    params: &ValidParams,
-    prompts: &[Vec<u32>],
+    longest: usize,
     max_model_len: usize,
-) -> Result<ModelRunner> {
+) -> Result<Box<dyn StepModel>> {
     let block_size = args.block_size as usize;
-    let budget = (args.kv_cache_memory * (1u64 << 30) as f64) as u64;
-    let by_memory = ModelRunner::blocks_for_memory(&model, block_size, budget);
-    let longest_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let max_out = params.max_tokens.map_or(max_model_len, |m| m as usize);
-    let longest = (longest_prompt + max_out).min(max_model_len);
     let useful = longest
         .div_ceil(block_size)
         .saturating_mul(args.max_num_seqs as usize);
+    let gib_bytes = |gib: f64| (gib * (1u64 << 30) as f64) as u64;
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    if model.device() == Device::Cpu {
+        let budget = gib_bytes(args.kv_cache_memory.unwrap_or(4.0));
+        let by_memory = ModelRunner::blocks_for_memory(&model, block_size, budget);
+        let num_blocks = by_memory.min(useful).max(1);
+        tracing::info!(
+            num_blocks,
+            block_size,
+            bytes_per_block = ModelRunner::bytes_per_block(&model, block_size),
+            "KV cache"
+        );
+        return Ok(Box::new(ModelRunner::new(
+            model,
+            block_size,
+            num_blocks,
+            Some(max_model_len),
+        )?));
+    }
+    let per_block = PagedRunner::bytes_per_block(&model, block_size);
+    let by_memory = match args.kv_cache_memory {
+        Some(g) => (gib_bytes(g) / per_block.max(1) as u64) as usize,
+        None => {
+            let plan = plan_gpu_memory(
+                &model,
+                block_size,
+                args.gpu_memory_utilization,
+                args.max_num_batched_tokens as usize,
+                args.max_num_seqs as usize,
+                max_model_len,
+            )
+            .context("sizing the KV cache")?;
+            eprintln!(
+                "GPU memory: {:.1} GiB in all, {:.1} GiB usable at --gpu-memory-utilization {}, \
+                 {:.1} GiB for weights and activations, {:.1} GiB free for the KV cache",
+                gib(plan.total),
+                gib(plan.budget),
+                args.gpu_memory_utilization,
+                gib(plan.in_use),
+                gib(plan.kv_bytes)
+            );
+            plan.num_blocks
+        }
+    };
     let num_blocks = by_memory.min(useful).max(1);
-    tracing::info!(
-        num_blocks,
-        block_size,
-        bytes_per_block = ModelRunner::bytes_per_block(&model, block_size),
-        "KV cache"
+    eprintln!(
+        "KV cache: {num_blocks} blocks of {block_size} tokens ({:.2} GiB; {} tokens), on {}",
+        gib((num_blocks * per_block) as u64),
+        num_blocks * block_size,
+        model.device()
     );
-    Ok(ModelRunner::new(
+    Ok(Box::new(PagedRunner::new(
         model,
         block_size,
         num_blocks,
         Some(max_model_len),
-    )?)
+    )?))
 }
 
 fn progress_bar(len: usize) -> Result<ProgressBar> {
@@ -446,41 +555,20 @@ mod tests {
     }
 
     fn fixture_model() -> PathBuf {
-        let start = std::env::current_dir().unwrap();
-        start
-            .ancestors()
-            .map(|d| d.join("fixtures/models/llama-tiny"))
-            .find(|p| p.is_dir())
-            .expect("fixtures/models/llama-tiny")
+        testkit::fixture("models/llama-tiny")
     }
 
     /// A finished sequence that generated exactly `ids` (each forced by its logits row).
     fn forced(prompt_ids: Vec<u32>, ids: &[u32], max_tokens: u32) -> SequenceState {
         let dir = fixture_model();
         let detok = sample::tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-        let params = Arc::new(
-            sample::SamplingParams {
-                temperature: 0.0,
-                max_tokens: Some(max_tokens),
-                ..Default::default()
-            }
-            .validate()
-            .unwrap(),
-        );
-        let mut seq = SequenceState::new(NewSequence {
-            stop_tokens: Arc::new(StopTokens::new(&params, Some(1), &[])),
-            rng: Sampler::new(0).rng_for(&params, 0, 0),
-            params,
-            prompt_ids,
-            tokenizer: Arc::new(detok),
-            max_model_len: None,
-        })
-        .unwrap();
-        for &id in ids {
-            let mut row = vec![0.0f32; 1008];
-            row[id as usize] = 9.0;
-            seq.step(&row).unwrap();
-        }
+        let params = sample::SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        };
+        let seq =
+            sample::testing::forced_sequence(params, prompt_ids, Arc::new(detok), 1, 1008, ids);
         assert!(seq.is_finished());
         seq
     }
@@ -505,6 +593,38 @@ mod tests {
         // Sampled without BOS (another prompt tokenization): not what TRL scores.
         let seq = forced(pc.prompt_ids[1..].to_vec(), &pc.completion_ids, 100);
         assert_eq!(reference_logps(&tok, prompt, &seq), None);
+    }
+
+    #[test]
+    fn a_rows_max_tokens_overrides_the_setting_and_is_checked() {
+        let row = |at: &str, v: Option<serde_json::Value>| InputRow {
+            id: at.into(),
+            location: at.into(),
+            fields: v
+                .into_iter()
+                .map(|v| ("max_tokens".to_string(), v))
+                .collect(),
+            prompt: Prompt::Ids(vec![1]),
+        };
+        let rows = [
+            row("f:1", Some(serde_json::json!(7))),
+            row("f:2", None),
+            row("f:3", Some(serde_json::Value::Null)),
+        ];
+        assert_eq!(row_max_tokens(&rows).unwrap(), vec![Some(7), None, None]);
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(-3),
+            serde_json::json!("5"),
+        ] {
+            let e = row_max_tokens(&[row("f:9", Some(bad))])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("f:9: \"max_tokens\" must be a positive integer"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -1,17 +1,42 @@
 //! Arrow record batches (from parquet or IPC streams) → rows of [`Cell`]s.
 
+use std::path::Path;
+
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type,
     UInt32Type, UInt64Type,
 };
 use arrow_array::{Array, RecordBatch};
-use arrow_schema::DataType;
+use arrow_schema::{ArrowError, DataType, Schema};
 
 use crate::cell::Cell;
+use crate::error::{DataError, Result};
+
+/// Column names of an Arrow schema, in order.
+pub(crate) fn column_names(schema: &Schema) -> Vec<String> {
+    schema.fields().iter().map(|f| f.name().clone()).collect()
+}
+
+/// Appends every batch an Arrow reader (parquet, IPC stream) yields to `rows`. Arrow
+/// validates UTF-8 while decoding, so a bad string surfaces here: the error names the file
+/// and the row it was near.
+pub(crate) fn append_batches(
+    path: &Path,
+    batches: impl IntoIterator<Item = std::result::Result<RecordBatch, ArrowError>>,
+    rows: &mut Vec<Vec<Cell>>,
+) -> Result<()> {
+    for batch in batches {
+        let batch = batch.map_err(|e| {
+            DataError::parse(path, format!("near row {}", rows.len() + 1), e.to_string())
+        })?;
+        append_batch(&batch, rows);
+    }
+    Ok(())
+}
 
 /// Appends the batch's rows to `rows` (one `Vec<Cell>` per row, one cell per column).
-pub(crate) fn append_batch(batch: &RecordBatch, rows: &mut Vec<Vec<Cell>>) {
+fn append_batch(batch: &RecordBatch, rows: &mut Vec<Vec<Cell>>) {
     let first = rows.len();
     rows.extend((0..batch.num_rows()).map(|_| Vec::with_capacity(batch.num_columns())));
     for column in batch.columns() {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use arrow_ipc::reader::StreamReader;
 use serde::Deserialize;
 
-use super::arrow_cells::append_batch;
+use super::arrow_cells::{append_batches, column_names};
 use super::{Locator, Table, unsupported};
 use crate::error::{DataError, Result};
 
@@ -87,12 +87,7 @@ fn read_dataset(folder: &Path, source: String) -> Result<Table> {
         let file = std::fs::File::open(&path).map_err(|e| DataError::io(&path, e))?;
         let reader = StreamReader::try_new(std::io::BufReader::new(file), None)
             .map_err(|e| DataError::parse(&path, "Arrow IPC stream", e.to_string()))?;
-        let names: Vec<String> = reader
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
+        let names = column_names(&reader.schema());
         match &columns {
             None => columns = Some(names),
             Some(existing) if *existing != names => {
@@ -104,12 +99,7 @@ fn read_dataset(folder: &Path, source: String) -> Result<Table> {
             }
             Some(_) => {}
         }
-        for batch in reader {
-            let batch = batch.map_err(|e| {
-                DataError::parse(&path, format!("near row {}", rows.len() + 1), e.to_string())
-            })?;
-            append_batch(&batch, &mut rows);
-        }
+        append_batches(&path, reader, &mut rows)?;
     }
     let Some(columns) = columns else {
         return Err(DataError::NoRows {
@@ -127,10 +117,7 @@ fn read_dataset(folder: &Path, source: String) -> Result<Table> {
         source,
         columns,
         rows,
-        locator: Locator::Numbered {
-            unit: "row",
-            first: 1,
-        },
+        locator: Locator::ROWS,
     })
 }
 

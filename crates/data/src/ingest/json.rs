@@ -47,6 +47,16 @@ fn json_message(e: &serde_json::Error) -> String {
     }
 }
 
+/// The error for JSON that does not parse, at `line` of the file and the column serde_json
+/// stopped at.
+fn malformed(path: &Path, line: impl std::fmt::Display, e: &serde_json::Error) -> DataError {
+    DataError::parse(
+        path,
+        format!("line {line}, column {}", e.column()),
+        format!("malformed JSON: {}", json_message(e)),
+    )
+}
+
 pub(crate) fn value_to_cell(value: Value) -> Cell {
     match value {
         Value::Null => Cell::Null,
@@ -61,7 +71,9 @@ pub(crate) fn value_to_cell(value: Value) -> Cell {
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+/// What a JSON value is, for messages: "null", "a boolean", "a number", "a string",
+/// "an array", "an object".
+pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -164,26 +176,16 @@ pub(crate) fn read_jsonl(path: &Path) -> Result<Table> {
         }
         let trimmed = text.trim_start();
         if !trimmed.starts_with('{') {
-            let value: Value = serde_json::from_str(text).map_err(|e| {
-                DataError::parse(
-                    path,
-                    format!("line {line_no}, column {}", e.column()),
-                    format!("malformed JSON: {}", json_message(&e)),
-                )
-            })?;
+            let value: Value =
+                serde_json::from_str(text).map_err(|e| malformed(path, line_no, &e))?;
             return Err(DataError::parse(
                 path,
                 format!("line {line_no}"),
-                format!("expected a JSON object, found {}", kind(&value)),
+                format!("expected a JSON object, found {}", json_kind(&value)),
             ));
         }
-        let object: Object = serde_json::from_str(text).map_err(|e| {
-            DataError::parse(
-                path,
-                format!("line {line_no}, column {}", e.column()),
-                format!("malformed JSON: {}", json_message(&e)),
-            )
-        })?;
+        let object: Object =
+            serde_json::from_str(text).map_err(|e| malformed(path, line_no, &e))?;
         columns.push(object);
         lines.push(line_no);
     }
@@ -194,13 +196,7 @@ pub(crate) fn read_jsonl(path: &Path) -> Result<Table> {
 pub(crate) fn read_json(path: &Path, split: Option<&str>, explicit: bool) -> Result<Table> {
     let bytes = read_bytes(path)?;
     let text = utf8(path, &bytes)?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        DataError::parse(
-            path,
-            format!("line {}, column {}", e.line(), e.column()),
-            format!("malformed JSON: {}", json_message(&e)),
-        )
-    })?;
+    let value: Value = serde_json::from_str(text).map_err(|e| malformed(path, e.line(), &e))?;
     let (rows, source) = match value {
         Value::Array(rows) => {
             if explicit {
@@ -242,7 +238,7 @@ pub(crate) fn read_json(path: &Path, split: Option<&str>, explicit: bool) -> Res
                 "top level",
                 format!(
                     "expected an array of objects or {{split: [objects]}}, found {}",
-                    kind(&other)
+                    json_kind(&other)
                 ),
             ));
         }
@@ -253,19 +249,13 @@ pub(crate) fn read_json(path: &Path, split: Option<&str>, explicit: bool) -> Res
             return Err(DataError::parse(
                 path,
                 format!("row {}", i + 1),
-                format!("expected a JSON object, found {}", kind(&row)),
+                format!("expected a JSON object, found {}", json_kind(&row)),
             ));
         };
         // serde_json's map has sorted the keys; a .json file's columns come out sorted.
         columns.push(Object(object.into_iter().collect()));
     }
-    Ok(columns.finish(
-        source,
-        Locator::Numbered {
-            unit: "row",
-            first: 1,
-        },
-    ))
+    Ok(columns.finish(source, Locator::ROWS))
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ mod xlsx;
 
 use std::path::{Path, PathBuf};
 
+pub use json::json_kind;
 pub use records::{Field, FieldReport, Record, Requirements, records};
 pub use spec::SourceSpec;
 
@@ -40,6 +41,14 @@ pub(crate) enum Locator {
     Lines(Vec<u64>),
     /// `"{unit} {index + first}"`: e.g. xlsx rows start at 2 (row 1 is the header).
     Numbered { unit: &'static str, first: usize },
+}
+
+impl Locator {
+    /// "row N", 1-based: Arrow sources (parquet, save_to_disk) and JSON arrays.
+    pub(crate) const ROWS: Locator = Locator::Numbered {
+        unit: "row",
+        first: 1,
+    };
 }
 
 /// A source read into memory: column names and rows of typed cells.
@@ -220,10 +229,7 @@ mod tests {
             source: "x.csv".into(),
             columns: vec!["질문".into(), "답변".into()],
             rows: vec![],
-            locator: Locator::Numbered {
-                unit: "row",
-                first: 1,
-            },
+            locator: Locator::ROWS,
         };
         let err = t.column_index("output", "").unwrap_err().to_string();
         assert!(

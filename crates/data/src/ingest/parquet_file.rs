@@ -4,7 +4,7 @@ use std::path::Path;
 
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::arrow_cells::append_batch;
+use super::arrow_cells::{append_batches, column_names};
 use super::{Locator, Table};
 use crate::error::{DataError, Result};
 
@@ -12,29 +12,15 @@ pub(crate) fn read(path: &Path) -> Result<Table> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let bad = |e: &dyn std::fmt::Display| DataError::parse(path, "parquet", e.to_string());
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))?;
-    let columns: Vec<String> = builder
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
+    let columns = column_names(builder.schema());
     let reader = builder.build().map_err(|e| bad(&e))?;
     let mut rows = Vec::new();
-    for batch in reader {
-        // arrow validates UTF-8 while decoding: a bad string surfaces here.
-        let batch = batch.map_err(|e| {
-            DataError::parse(path, format!("near row {}", rows.len() + 1), e.to_string())
-        })?;
-        append_batch(&batch, &mut rows);
-    }
+    append_batches(path, reader, &mut rows)?;
     Ok(Table {
         source: path.display().to_string(),
         columns,
         rows,
-        locator: Locator::Numbered {
-            unit: "row",
-            first: 1,
-        },
+        locator: Locator::ROWS,
     })
 }
 

@@ -220,6 +220,17 @@ mod tests {
         Cell::Text(s.into())
     }
 
+    /// What `prefer pairs` asks of a gold row: an output, cells converted to text.
+    const GOLD: Requirements = Requirements {
+        output: true,
+        strict: false,
+    };
+
+    /// The message of the error `records` gives for a gold table.
+    fn gold_error(t: &Table, spec: &SourceSpec) -> String {
+        records(t, spec, GOLD).unwrap_err().to_string()
+    }
+
     #[test]
     fn mapping_conversion_and_drops_are_counted() {
         let t = table(
@@ -232,15 +243,7 @@ mod tests {
             ],
         );
         let spec = SourceSpec::parse("t.xlsx:instruction=질문,output=답변").unwrap();
-        let (recs, report) = records(
-            &t,
-            &spec,
-            Requirements {
-                output: true,
-                strict: false,
-            },
-        )
-        .unwrap();
+        let (recs, report) = records(&t, &spec, GOLD).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].output.as_deref(), Some("42"));
         assert_eq!(recs[1].id.as_deref(), Some("2"));
@@ -254,30 +257,12 @@ mod tests {
     fn mapped_column_must_exist_and_error_lists_columns() {
         let t = table(&["instruction", "answer"], vec![vec![text("a"), text("b")]]);
         let spec = SourceSpec::parse("t.xlsx:output=response").unwrap();
-        let err = records(
-            &t,
-            &spec,
-            Requirements {
-                output: true,
-                strict: false,
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let err = gold_error(&t, &spec);
         assert!(
             err.contains("'response'") && err.contains("instruction, answer"),
             "{err}"
         );
-        let err = records(
-            &t,
-            &SourceSpec::plain("t.xlsx"),
-            Requirements {
-                output: true,
-                strict: false,
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let err = gold_error(&t, &SourceSpec::plain("t.xlsx"));
         assert!(
             err.contains("'output'") && err.contains("output=COLUMN"),
             "{err}"
@@ -290,16 +275,7 @@ mod tests {
             &["instruction", "output"],
             vec![vec![text("a"), Cell::Other("a list".into())]],
         );
-        let err = records(
-            &t,
-            &SourceSpec::plain("t.xlsx"),
-            Requirements {
-                output: true,
-                strict: false,
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let err = gold_error(&t, &SourceSpec::plain("t.xlsx"));
         assert_eq!(
             err,
             "t.xlsx: row 2, column 'output': expected text, found a list"
@@ -309,15 +285,7 @@ mod tests {
     #[test]
     fn prompt_column_used_when_no_instruction() {
         let t = table(&["prompt", "output"], vec![vec![text("P"), text("O")]]);
-        let (recs, _) = records(
-            &t,
-            &SourceSpec::plain("t"),
-            Requirements {
-                output: true,
-                strict: false,
-            },
-        )
-        .unwrap();
+        let (recs, _) = records(&t, &SourceSpec::plain("t"), GOLD).unwrap();
         assert_eq!(recs[0].prompt.as_deref(), Some("P"));
         assert_eq!(recs[0].instruction, None);
     }

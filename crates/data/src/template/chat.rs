@@ -508,27 +508,28 @@ mod tests {
         assert_eq!(err, "template gemma: System role not supported");
     }
 
+    /// `src` rendered without special tokens or a generation prompt.
+    fn render(src: &str, messages: &[ChatMessage]) -> String {
+        ChatTemplate::from_source("t", src, "", "")
+            .render(messages, false)
+            .unwrap()
+    }
+
     #[test]
     fn trim_and_lstrip_blocks_match_jinja2() {
         // jinja2 with trim_blocks + lstrip_blocks renders this as "a\nb\n".
         let src = "{% for m in messages %}\n    {% if true %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}\n";
-        let t = ChatTemplate::from_source("t", src, "", "");
-        let got = t
-            .render(
-                &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
-                false,
-            )
-            .unwrap();
+        let got = render(
+            src,
+            &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
+        );
         assert_eq!(got, "a\nb\n");
     }
 
     #[test]
     fn python_methods_and_tojson_without_ascii_escape() {
         let src = "{{ messages[0].content.strip().upper() }}|{{ messages[0] | tojson }}|{{ {'a': 1.0, 'b': '<&>'} | tojson(indent=2) }}";
-        let t = ChatTemplate::from_source("t", src, "", "");
-        let got = t
-            .render(&[ChatMessage::new("user", " hi 한 ")], false)
-            .unwrap();
+        let got = render(src, &[ChatMessage::new("user", " hi 한 ")]);
         assert_eq!(
             got,
             "HI 한|{\"role\": \"user\", \"content\": \" hi 한 \"}|{\n  \"a\": 1.0,\n  \"b\": \"<&>\"\n}"

@@ -1,6 +1,5 @@
 //! Shared helpers: the fixture tokenizer and scripted logits.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use sample::{NewSequence, Sampler, SamplingParams, SequenceState, StopTokens};
@@ -11,21 +10,11 @@ use tokenizers::Tokenizer;
 pub const VOCAB: usize = 1008;
 pub const EOS: u32 = 1;
 
-/// fixtures/tokenizer/tokenizer.json, found by walking up from the current directory.
+/// fixtures/tokenizer/tokenizer.json (found at run time), loaded once.
 pub fn tokenizer() -> Arc<Tokenizer> {
     static TOK: OnceLock<Arc<Tokenizer>> = OnceLock::new();
     TOK.get_or_init(|| {
-        let start = std::env::current_dir().expect("current dir");
-        let path: PathBuf = start
-            .ancestors()
-            .map(|d| d.join("fixtures/tokenizer/tokenizer.json"))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!(
-                    "fixtures/tokenizer/tokenizer.json not found above {}",
-                    start.display()
-                )
-            });
+        let path = testkit::fixture("tokenizer/tokenizer.json");
         Arc::new(Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
     })
     .clone()

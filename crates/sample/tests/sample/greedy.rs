@@ -6,7 +6,6 @@
 //! plain, with prefill cut into chunks, and with a pool so small that sequences are
 //! preempted and recomputed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use model::Model;
@@ -26,33 +25,13 @@ const MODELS: [&str; 9] = [
     "gemma2-oldconfig",
 ];
 
-fn fixtures() -> PathBuf {
-    if let Some(p) = std::env::var_os("PREFER_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    let start = std::env::current_dir().expect("current dir");
-    start
-        .ancestors()
-        .map(|d| d.join("fixtures"))
-        .find(|p| p.join("reference").is_dir())
-        .unwrap_or_else(|| panic!("fixtures/ not found above {}", start.display()))
-}
-
 struct Case {
     prompt: Vec<u32>,
     output: Vec<u32>,
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn greedy_cases(name: &str) -> Vec<Case> {
-    let path = fixtures().join("reference").join(format!("{name}.json"));
+    let path = testkit::fixture("reference").join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     v["greedy"]
@@ -62,8 +41,8 @@ fn greedy_cases(name: &str) -> Vec<Case> {
         .map(|g| {
             assert_eq!(g["max_new_tokens"], 40);
             Case {
-                prompt: ids(&g["prompt_ids"]),
-                output: ids(&g["output_ids"]),
+                prompt: testkit::u32s(&g["prompt_ids"]),
+                output: testkit::u32s(&g["output_ids"]),
             }
         })
         .collect()
@@ -110,7 +89,7 @@ const SETUPS: [Setup; 3] = [
 fn greedy_generation_matches_hf_on_every_fixture_model() {
     let mut failures = Vec::new();
     for name in MODELS {
-        let dir = fixtures().join("models").join(name);
+        let dir = testkit::fixture("models").join(name);
         let tokenizer = Arc::new(Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
         let cases = greedy_cases(name);
         let params = Arc::new(

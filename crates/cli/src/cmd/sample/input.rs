@@ -87,7 +87,10 @@ fn read_prompts_jsonl(path: &Path) -> Result<Vec<InputRow>> {
         let value: Value =
             serde_json::from_str(line).with_context(|| format!("{location}: not valid JSON"))?;
         let Value::Object(fields) = value else {
-            bail!("{location}: expected a JSON object, got {}", kind(&value));
+            bail!(
+                "{location}: expected a JSON object, got {}",
+                ingest::json_kind(&value)
+            );
         };
         let prompt = prompt_of(&fields).map_err(|msg| anyhow::anyhow!("{location}: {msg}"))?;
         let id = match fields.get("id") {
@@ -96,7 +99,7 @@ fn read_prompts_jsonl(path: &Path) -> Result<Vec<InputRow>> {
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
             Some(other) => bail!(
                 "{location}: \"id\" must be a non-empty string or an integer, got {}",
-                kind(other)
+                ingest::json_kind(other)
             ),
         };
         rows.push(InputRow {
@@ -115,7 +118,7 @@ fn prompt_of(fields: &Map<String, Value>) -> std::result::Result<Prompt, String>
         let Value::Array(items) = v else {
             return Err(format!(
                 "\"prompt_ids\" must be an array of token ids, got {}",
-                kind(v)
+                ingest::json_kind(v)
             ));
         };
         if items.is_empty() {
@@ -137,7 +140,10 @@ fn prompt_of(fields: &Map<String, Value>) -> std::result::Result<Prompt, String>
             Err("the prompt is empty (\"prompt\" has no text)".into())
         }
         Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
-        Some(other) => Err(format!("\"prompt\" must be a string, got {}", kind(other))),
+        Some(other) => Err(format!(
+            "\"prompt\" must be a string, got {}",
+            ingest::json_kind(other)
+        )),
         None => {
             let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
             let hint = if fields.contains_key("instruction") {
@@ -264,17 +270,6 @@ fn check_unique_ids(rows: &[InputRow]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,285 @@
+//! # testkit — what the workspace's test suites share
+//!
+//! A dev-dependency only: nothing here ships in `prefer`. What several test files used to
+//! write for themselves:
+//!
+//! - [`fixtures_dir`] / [`fixture`]: the repository's `fixtures/` folder, found **at run
+//!   time** — `$PREFER_FIXTURES`, else the first `fixtures/` (the one holding its contract,
+//!   `README.md`) above the current directory or the test executable. `CARGO_MANIFEST_DIR`
+//!   is baked in at build time and wrong where a test binary runs elsewhere (the GPU machine).
+//! - [`TempDir`]: a fresh scratch folder, removed when dropped.
+//! - [`run`] and the [`prefer!`] macro: run the built `prefer` binary, capture what it
+//!   printed, and assert the exit status with both streams in the message ([`Ran`]).
+//! - [`u64s`], [`u32s`], [`f64s`]: the numbers of a JSON array (fixture references and
+//!   output rows hold token ids and log-probs that way).
+//!
+//! Helpers panic on failure: they are for tests, where a panic is the report.
+//!
+//! ## Example
+//! ```
+//! let dir = testkit::TempDir::new("doc");
+//! std::fs::write(dir.join("a.txt"), "x").unwrap();
+//! assert_eq!(dir.entries(), vec!["a.txt"]);
+//! let echo = testkit::run(std::process::Command::new("echo").arg("hi")).ok();
+//! assert_eq!(echo.stdout, "hi\n");
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value;
+
+/// The repository's `fixtures/` folder: `$PREFER_FIXTURES`, else the first `fixtures/`
+/// holding a `README.md` above the current directory (cargo runs tests in the crate folder)
+/// or above the test executable (`target/<profile>/deps/`, for a binary run from elsewhere).
+pub fn fixtures_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("PREFER_FIXTURES") {
+        return PathBuf::from(p);
+    }
+    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok()];
+    starts
+        .iter()
+        .flatten()
+        .flat_map(|s| s.ancestors())
+        .map(|a| a.join("fixtures"))
+        .find(|p| p.join("README.md").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no fixtures/ folder (with its README.md) above {:?}; set PREFER_FIXTURES",
+                starts
+            )
+        })
+}
+
+/// `fixtures/<rel>`: e.g. `fixture("models/llama-tiny")`. Whether it exists is the
+/// caller's business (reading it names the path when it does not).
+pub fn fixture(rel: impl AsRef<Path>) -> PathBuf {
+    fixtures_dir().join(rel)
+}
+
+/// A fresh, empty folder under the system temp dir, removed (with everything in it) when
+/// dropped. Derefs to its [`Path`], so `dir.join("x")` names a file in it.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `$TMP/prefer-test-<pid>-<tag>-<n>`: the pid and a per-process counter keep parallel
+    /// tests and concurrent test binaries apart; the tag tells a person which test it was.
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("prefer-test-{}-{tag}-{n}", std::process::id()));
+        // A leftover of an earlier process with the same pid.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Names of the folder's entries, sorted (to prove no temp output was left behind).
+    pub fn entries(&self) -> Vec<String> {
+        let read = std::fs::read_dir(&self.0)
+            .unwrap_or_else(|e| panic!("listing {}: {e}", self.0.display()));
+        let mut names: Vec<String> = read
+            .map(|e| {
+                let e = e.unwrap_or_else(|e| panic!("listing {}: {e}", self.0.display()));
+                e.file_name().to_string_lossy().into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A [`Command`] for the workspace's `prefer` binary. A macro because Cargo tells only the
+/// integration test being compiled where that binary is (`CARGO_BIN_EXE_prefer`, read here
+/// in the caller's crate).
+#[macro_export]
+macro_rules! prefer {
+    () => {
+        ::std::process::Command::new(env!("CARGO_BIN_EXE_prefer"))
+    };
+}
+
+/// A finished process: its exit status and what it printed (lossy UTF-8).
+#[derive(Debug)]
+pub struct Ran {
+    /// The command line, for messages.
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured.
+pub fn run(cmd: &mut Command) -> Ran {
+    let command = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+    Ran::from_output(command, out)
+}
+
+impl Ran {
+    /// For a process started another way (spawned, then waited on).
+    pub fn from_output(command: String, out: Output) -> Ran {
+        Ran {
+            command,
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Asserts the process succeeded (the message shows both streams); returns it.
+    #[track_caller]
+    pub fn ok(self) -> Ran {
+        assert!(
+            self.success(),
+            "{} failed ({}):\n{}",
+            self.command,
+            self.status,
+            self.all()
+        );
+        self
+    }
+
+    /// Asserts the process failed (the message shows both streams); returns it.
+    #[track_caller]
+    pub fn failed(self) -> Ran {
+        assert!(
+            !self.success(),
+            "{} succeeded, a failure was expected:\n{}",
+            self.command,
+            self.all()
+        );
+        self
+    }
+
+    /// stdout, then stderr.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// The elements of a JSON array of non-negative integers (token ids).
+#[track_caller]
+pub fn u64s(v: &Value) -> Vec<u64> {
+    numbers(v, Value::as_u64, "a non-negative integer")
+}
+
+/// [`u64s`], each checked to fit a `u32` (token ids as the model takes them).
+#[track_caller]
+pub fn u32s(v: &Value) -> Vec<u32> {
+    numbers(
+        v,
+        |x| x.as_u64().and_then(|n| u32::try_from(n).ok()),
+        "an integer in u32's range",
+    )
+}
+
+/// The elements of a JSON array of numbers (log-probs).
+#[track_caller]
+pub fn f64s(v: &Value) -> Vec<f64> {
+    numbers(v, Value::as_f64, "a number")
+}
+
+#[track_caller]
+fn numbers<T>(v: &Value, get: impl Fn(&Value) -> Option<T>, what: &str) -> Vec<T> {
+    let Some(items) = v.as_array() else {
+        panic!("expected a JSON array, found {v}");
+    };
+    items
+        .iter()
+        .map(|x| get(x).unwrap_or_else(|| panic!("expected {what}, found {x} in {v}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_dirs_are_fresh_distinct_and_removed_on_drop() {
+        let a = TempDir::new("t");
+        let b = TempDir::new("t");
+        assert_ne!(a.path(), b.path());
+        std::fs::write(a.join("f"), "x").unwrap();
+        std::fs::create_dir(a.join("d")).unwrap();
+        assert_eq!(a.entries(), vec!["d", "f"]);
+        assert!(b.entries().is_empty());
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn fixtures_are_found_above_the_crate() {
+        // cargo runs this in crates/testkit; the repository's fixtures/ is two levels up.
+        let dir = fixtures_dir();
+        assert!(dir.join("README.md").is_file(), "{}", dir.display());
+        assert_eq!(fixture("tokenizer"), dir.join("tokenizer"));
+    }
+
+    #[test]
+    fn json_numbers_are_read_and_checked() {
+        let v: Value = serde_json::from_str("[0, 7, 4294967296]").unwrap();
+        assert_eq!(u64s(&v), vec![0, 7, 1 << 32]);
+        assert_eq!(f64s(&v), vec![0.0, 7.0, 4294967296.0]);
+        assert!(
+            std::panic::catch_unwind(|| u32s(&v)).is_err(),
+            "2^32 is no u32"
+        );
+        let v: Value = serde_json::from_str("[-0.5, 1e-3]").unwrap();
+        assert_eq!(f64s(&v), vec![-0.5, 0.001]);
+        assert!(std::panic::catch_unwind(|| u64s(&v)).is_err());
+        assert!(std::panic::catch_unwind(|| f64s(&Value::Null)).is_err());
+    }
+
+    #[test]
+    fn run_captures_both_streams_and_checks_the_status() {
+        let ran = run(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]));
+        assert_eq!(
+            (ran.stdout.as_str(), ran.stderr.as_str()),
+            ("out\n", "err\n")
+        );
+        assert_eq!(ran.status.code(), Some(3));
+        assert_eq!(ran.all(), "out\nerr\n");
+        let ran = ran.failed();
+        assert!(ran.command.contains("exit 3"), "{}", ran.command);
+        let caught = std::panic::catch_unwind(|| {
+            run(Command::new("sh").args(["-c", "echo oops >&2; exit 1"])).ok()
+        });
+        let msg = caught.unwrap_err();
+        let msg = msg.downcast_ref::<String>().unwrap();
+        assert!(msg.contains("failed") && msg.contains("oops"), "{msg}");
+    }
+}
