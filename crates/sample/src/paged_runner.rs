@@ -8,8 +8,9 @@
 //!    context lengths), built once and shared by every layer;
 //! 2. the model's cached forward over the packed batch (prefill chunks and decode tokens
 //!    together): each layer writes its new keys and values into their slots with
-//!    `paged_kv_write`, then attends over every position of each sequence (see
-//!    [`PagedView`]);
+//!    `paged_kv_write`, then `paged_attention` reads every position of each sequence through
+//!    the block tables in place (or, with `PREFER_PAGED_KV=gather`, from a gathered packed
+//!    copy: see [`KvRead`] and [`PagedView`]);
 //! 3. the last hidden row of each sequence, gathered on the device, through the LM head:
 //!    logits [B, V], f32 on the device;
 //! 4. one copy of those logits to the host, where the engine's CPU sampler (the reference
@@ -22,7 +23,8 @@
 //! GPU memory ([`plan_gpu_memory`]) is sized as vLLM sizes it: profile the largest step
 //! (a prefill of `max_num_batched_tokens` tokens, then `max_num_seqs` rows of logits), then
 //! the pools get `total × gpu_memory_utilization` minus everything in use at that point
-//! (weights, the arena's cached activations, cuBLASLt's workspace, the context).
+//! (weights, the arena's cached activations, cuBLASLt's workspace, the context), less one
+//! layer's share kept for the gathered-copy path.
 //!
 //! `PREFER_STEP_TRACE=FILE` makes the runner write one tab-separated line per step (batch
 //! size, new tokens, context tokens, host enqueue time, GPU wait, logits copy): what the
