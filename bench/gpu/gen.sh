@@ -168,7 +168,7 @@ for s in llama1b qwen05; do
 done
 for s in llama1b qwen05; do
     case " $SHAPES " in *" $s "*) ;; *) continue ;; esac
-    prefer_run "$s-mixed" "$s" mixed 90
+    prefer_run "$s-mixed" "$s" mixed 150
     hf_run "$s-mixed" "$s" mixed 128 2 75
 done
 case " $SHAPES " in *" gemma9b "*) prefer_run gemma9b gemma9b gemma 150 ;; esac
@@ -241,7 +241,7 @@ def check_lengths(name):
 def trace_stats(name, shape):
     path = f"{W}/trace-{name}.tsv"
     try:
-        lines = open(path).read().strip().splitlines()[1:]
+        lines = open(path).read().strip().splitlines()
     except OSError:
         return None
     cfg = SHAPES[shape]
@@ -253,9 +253,16 @@ def trace_stats(name, shape):
              decode_step_s=0.0, enqueue_s=0.0, wait_s=0.0, copy_s=0.0, decode_enqueue_s=0.0,
              decode_wait_s=0.0, max_batch=0, bytes_decode=0.0)
     for line in lines:
-        seqs, q, kv, enq, wait, copy = line.split("\t")
-        seqs, q, kv = int(seqs), int(q), int(kv)
-        enq, wait, copy = float(enq) / 1e3, float(wait) / 1e3, float(copy) / 1e3
+        # Skip anything that is not a whole data line: a (repeated) header, a blank line, or
+        # the partial last line of a run killed by its step limit.
+        fields = line.split("\t")
+        if len(fields) != 6:
+            continue
+        try:
+            seqs, q, kv = (int(x) for x in fields[:3])
+            enq, wait, copy = (float(x) / 1e3 for x in fields[3:])
+        except ValueError:
+            continue
         bytes_ = wbytes + kv * kv_tok
         flops = 2 * P * q + 4 * L * H * D * kv
         lim = max(bytes_ / BW, flops / PEAK)

@@ -5,6 +5,7 @@
 #   .gpu/bin/prefer                 the release binary (stripped: `strip = true` in the profile)
 #   .gpu/bin/engine-cuda_parity     the engine's GPU test binary
 #   .gpu/bin/model-cuda_parity      the model's GPU test binary
+#   .gpu/bin/sample-gpu_generation  the generation engine's GPU test binary
 #   .gpu/bin/cuda_bench             the engine's kernel micro-benchmarks, if the example exists
 #   .gpu/env.sh, install-wheels.sh  from shared/device (env.sh points the loader at CUDA 13)
 #   .gpu/scripts/                   run.sh's helpers, score_hf.py, make_random_model.py
@@ -25,8 +26,8 @@ if [ -f crates/engine/examples/cuda_bench.rs ]; then
     echo "+ cargo build --release -p engine --example cuda_bench"
     cargo build --release -p engine --example cuda_bench && have_bench=1
 fi
-echo "+ cargo test --release --no-run -p engine -p model --message-format=json"
-cargo test --release --no-run -p engine -p model --message-format=json >target/gpu-tests.json
+echo "+ cargo test --release --no-run -p engine -p model -p sample --message-format=json"
+cargo test --release --no-run -p engine -p model -p sample --message-format=json >target/gpu-tests.json
 
 rm -rf "$G"
 mkdir -p "$G/bin" "$G/scripts"
@@ -44,7 +45,7 @@ for line in open("target/gpu-tests.json"):
         continue
     t = m.get("target", {})
     if (m.get("reason") == "compiler-artifact" and m.get("executable") and t.get("kind") == ["test"]
-            and t.get("name", "").startswith("cuda_")):
+            and (t.get("name", "").startswith("cuda_") or t.get("name") == "gpu_generation")):
         # "path+file:///…/engine#0.1.0" or "path+file:///…/cli#prefer@0.1.0"
         pid = m["package_id"]
         frag = pid.split("#", 1)[1] if "#" in pid else ""

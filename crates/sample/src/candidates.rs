@@ -18,8 +18,12 @@
 //! reference path stays [`crate::processors`]; `Sampler::sample` takes this path whenever
 //! [`sample_candidates`] accepts the row, and the tests below compare the two on random rows.
 //!
-//! This is also the host half of GPU sampling: a device kernel that returns each row's top
-//! candidates and log-sum-exp would feed the same code with only small arrays crossing.
+//! This is also the host half of GPU sampling: `engine::ops::top_k_candidates` returns each
+//! row's top candidates and log-sum-exp on the device, and [`sample_from_candidates`] draws
+//! from those ([`CandidateRow`]) with the same code, so only [B, n] numbers cross to the host.
+//! There the raw log-prob is `value − lse`, the rank and the top log-probs come from the
+//! candidates (when they provably contain every token they count), and anything the
+//! candidates cannot decide goes back to the whole row (see `Engine::step`).
 
 use crate::error::{Result, SampleError};
 use crate::params::ValidParams;
@@ -71,27 +75,9 @@ pub(crate) fn sample_candidates(
         let Some(k) = params.top_k_for(raw.len()) else {
             return Ok(None);
         };
-        let mut cands = top_candidates(raw, k + 1)?; // (id, raw logit), k + 1 of them
-        cands.sort_unstable_by_key(|&(id, _)| id);
-        let mut row: Vec<f32> = cands.iter().map(|&(_, x)| x).collect();
-        apply_temperature(&mut row, params.temperature as f32);
-        // The (k + 1)-th largest must fall to top_k: then no token outside the candidates
-        // (all ≤ it) survives either.
-        let weakest = cands
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1.1.total_cmp(&b.1.1).then(b.1.0.cmp(&a.1.0)))
-            .map(|(i, _)| i)
-            .unwrap_or(0);
-        apply_top_k(&mut row, k);
-        if row[weakest] > f32::NEG_INFINITY {
-            return Ok(None);
-        }
-        if params.top_p < 1.0 {
-            apply_top_p(&mut row, params.top_p as f32);
-        }
-        match draw(&softmax(&row), rng.next_uniform()) {
-            Some(i) => cands[i as usize].0,
+        let cands = top_candidates(raw, k + 1)?; // (id, raw logit), k + 1 of them
+        match draw_from_top(cands, k, params, rng) {
+            Some(id) => id,
             None => return Ok(None),
         }
     };
@@ -102,6 +88,124 @@ pub(crate) fn sample_candidates(
         rank,
         top_logprobs: Vec::new(),
     }))
+}
+
+/// The draw of a non-greedy row from its `k + 1` largest raw logits `cands` (id, logit),
+/// `None` when the (k + 1)-th ties the k-th after the temperature (the cut is not proven), or
+/// when nothing is left to draw. The processors run on the candidates in id order, as on the
+/// whole row.
+fn draw_from_top(
+    mut cands: Vec<(u32, f32)>,
+    k: usize,
+    params: &ValidParams,
+    rng: &mut SequenceRng,
+) -> Option<u32> {
+    cands.sort_unstable_by_key(|&(id, _)| id);
+    let mut row: Vec<f32> = cands.iter().map(|&(_, x)| x).collect();
+    apply_temperature(&mut row, params.temperature as f32);
+    // The (k + 1)-th largest must fall to top_k: then no token outside the candidates
+    // (all ≤ it) survives either.
+    let weakest = cands
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.1.total_cmp(&b.1.1).then(b.1.0.cmp(&a.1.0)))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    apply_top_k(&mut row, k);
+    if row[weakest] > f32::NEG_INFINITY {
+        return None;
+    }
+    if params.top_p < 1.0 {
+        apply_top_p(&mut row, params.top_p as f32);
+    }
+    draw(&softmax(&row), rng.next_uniform()).map(|i| cands[i as usize].0)
+}
+
+/// One row's candidates as a device computed them (`engine::ops::top_k_candidates`): its
+/// `n` largest raw logits, value descending, ties to the lower id, and the row's lse.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CandidateRow<'a> {
+    pub values: &'a [f32], // [n]
+    pub ids: &'a [u32],    // [n]
+    /// ln Σ e^l over the whole raw row; NaN when the row holds a NaN.
+    pub lse: f32,
+}
+
+/// How many device candidates a row sampled with `params` (and `banned` masked) needs, or
+/// `None` when only the whole row will do. Greedy rows need 2 (the argmax, and its rank:
+/// whether the runner-up ties it); top_k rows k + 1 (the proof of the cut); top log-probs N.
+pub(crate) fn candidates_needed(
+    params: &ValidParams,
+    banned: &[u32],
+    vocab: usize,
+) -> Option<usize> {
+    let p = params.params();
+    let neutral = banned.is_empty()
+        && p.repetition_penalty == 1.0
+        && p.frequency_penalty == 0.0
+        && p.presence_penalty == 0.0;
+    if !neutral || vocab == 0 {
+        return None;
+    }
+    let draw = if params.is_greedy() {
+        2
+    } else if p.min_p == 0.0 {
+        params.top_k_for(vocab).filter(|&k| k <= MAX_TOP_K)? + 1
+    } else {
+        return None;
+    };
+    let n = draw.max(params.num_top_logprobs(vocab).unwrap_or(0));
+    (n <= engine::ops::MAX_TOP_K).then_some(n.min(vocab))
+}
+
+/// The token `Sampler::sample` would draw from the row whose device candidates are `row` —
+/// `None` (with `rng` untouched) when the candidates cannot decide it: too few of them, a
+/// tie at the cut, a rank that may reach past them, or a row with NaN or ±inf (whose error,
+/// or empty draw, the whole row's reference path reports).
+pub(crate) fn sample_from_candidates(
+    row: CandidateRow<'_>,
+    params: &ValidParams,
+    vocab: usize,
+    rng: &mut SequenceRng,
+) -> Option<SampledToken> {
+    let n = row.values.len().min(row.ids.len());
+    if n == 0 || !row.lse.is_finite() || candidates_needed(params, &[], vocab)? > n {
+        return None;
+    }
+    // A draw that turns out undecidable must leave the sequence's RNG as it was.
+    let mut trial = rng.clone();
+    let (token_id, x) = if params.is_greedy() {
+        (row.ids[0], row.values[0])
+    } else {
+        let k = params.top_k_for(vocab)?;
+        let cands: Vec<(u32, f32)> = row.ids[..=k]
+            .iter()
+            .copied()
+            .zip(row.values[..=k].iter().copied())
+            .collect();
+        let id = draw_from_top(cands, k, params, &mut trial)?;
+        let at = row.ids[..=k].iter().position(|&c| c == id)?;
+        (id, row.values[at])
+    };
+    // vLLM's rank counts every token with a raw logit ≥ x; all of them must be candidates.
+    let rank = row.values[..n].iter().filter(|&&y| y >= x).count();
+    if rank == n && n < vocab {
+        return None;
+    }
+    let lp = |v: f32| (v as f64 - row.lse as f64) as f32;
+    let n_top = params.num_top_logprobs(vocab).unwrap_or(0);
+    let top_logprobs = row.ids[..n_top]
+        .iter()
+        .zip(&row.values[..n_top])
+        .map(|(&id, &v)| (id, lp(v)))
+        .collect();
+    *rng = trial;
+    Some(SampledToken {
+        token_id,
+        logprob: lp(x),
+        rank: rank as u32,
+        top_logprobs,
+    })
 }
 
 /// The raw log-prob of `id` and its rank, in one pass over the row after the max: the same
@@ -223,6 +327,104 @@ mod tests {
         }
         // Rows without ties take the fast path (all but a rare tie after the temperature).
         assert!(taken * 100 >= total * 98, "{taken} of {total}");
+    }
+
+    /// Device-style candidates (from the engine's CPU reference op) give the reference's
+    /// token, rank and top log-prob ids, log-probs within f32 rounding — or decline, with the
+    /// RNG untouched.
+    #[test]
+    fn drawing_from_device_candidates_matches_the_reference() {
+        let (mut taken, mut total) = (0, 0);
+        for case in 0..300u64 {
+            let v = [50usize, 1000][case as usize % 2];
+            let distinct = [7u64, 1 << 20, 1 << 20][(case / 2) as usize % 3];
+            let raw = row(case, v, distinct, 20.0);
+            let p = SamplingParams {
+                temperature: [0.0, 0.7, 1.0, 1.7][(case / 6) as usize % 4],
+                top_k: [1, 2, 5, 64][(case / 24) as usize % 4],
+                top_p: [1.0, 0.8][(case / 3) as usize % 2],
+                logprobs: [None, Some(0), Some(4), Some(40)][(case / 5) as usize % 4],
+                ..Default::default()
+            }
+            .validate()
+            .unwrap();
+            let Some(n) = candidates_needed(&p, &[], v) else {
+                continue;
+            };
+            let t = engine::Tensor::from_vec(raw.clone(), &[1, v]).unwrap();
+            let top = engine::ops::top_k_candidates(&t, n).unwrap();
+            let cand = CandidateRow {
+                values: &top.values,
+                ids: &top.ids,
+                lse: top.lse[0],
+            };
+            let mut a = SequenceRng::from_seed(case);
+            let mut b = a.clone();
+            let want = reference(&raw, &p, &mut a).unwrap();
+            total += 1;
+            match sample_from_candidates(cand, &p, v, &mut b) {
+                Some(got) => {
+                    taken += 1;
+                    assert_eq!(got.token_id, want.token_id, "case {case}: {p:?}");
+                    assert_eq!(got.rank, want.rank, "case {case}");
+                    assert!(
+                        (got.logprob - want.logprob).abs() < 2e-6 * want.logprob.abs().max(1.0)
+                    );
+                    assert_eq!(got.top_logprobs.len(), want.top_logprobs.len());
+                    for (x, y) in got.top_logprobs.iter().zip(&want.top_logprobs) {
+                        assert_eq!(x.0, y.0, "case {case}");
+                        assert!((x.1 - y.1).abs() < 2e-6 * y.1.abs().max(1.0));
+                    }
+                    assert_eq!(a.next_uniform(), b.next_uniform(), "case {case}");
+                }
+                None => {
+                    // Declined: the RNG is where it was.
+                    let mut fresh = SequenceRng::from_seed(case);
+                    assert_eq!(b.next_uniform(), fresh.next_uniform(), "case {case}");
+                }
+            }
+        }
+        // Ties (7 distinct values) decline often; distinct rows almost never.
+        assert!(taken * 3 >= total * 2, "{taken} of {total}");
+    }
+
+    #[test]
+    fn device_candidates_decline_bad_rows_and_short_lists() {
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_k: 3,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let (values, ids) = ([5.0f32, 4.0, 3.0, 2.0], [7u32, 1, 2, 9]);
+        let mut rng = SequenceRng::from_seed(1);
+        let row = |lse: f32, n: usize| CandidateRow {
+            values: &values[..n],
+            ids: &ids[..n],
+            lse,
+        };
+        assert!(sample_from_candidates(row(f32::NAN, 4), &p, 10, &mut rng).is_none());
+        assert!(sample_from_candidates(row(f32::INFINITY, 4), &p, 10, &mut rng).is_none());
+        // top_k 3 needs 4 candidates to prove the cut.
+        assert!(sample_from_candidates(row(6.0, 3), &p, 10, &mut rng).is_none());
+        let t = sample_from_candidates(row(6.0, 4), &p, 10, &mut rng).unwrap();
+        assert!([7, 1, 2].contains(&t.token_id));
+        // Greedy with the runner-up tied at the top and nothing after: the rank is unknown.
+        let g = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let tied = CandidateRow {
+            values: &[5.0, 5.0],
+            ids: &[3, 4],
+            lse: 6.0,
+        };
+        assert!(sample_from_candidates(tied, &g, 10, &mut rng).is_none());
+        assert_eq!(candidates_needed(&g, &[], 10), Some(2));
+        assert_eq!(candidates_needed(&g, &[1], 10), None);
     }
 
     #[test]

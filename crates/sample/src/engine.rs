@@ -39,8 +39,10 @@
 
 use std::collections::HashMap;
 
+use engine::ops::TopK;
 use rayon::prelude::*;
 
+use crate::candidates::CandidateRow;
 use crate::error::{Result, SampleError};
 use crate::kv_blocks::BlockManager;
 use crate::scheduler::{Limits, Schedule, Scheduler};
@@ -116,6 +118,23 @@ pub trait StepModel {
     /// sequence's table names, and returns the logits of each sequence's last new token,
     /// [B, V] in the batch's sequence order (raw: no temperature, no processing).
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>>;
+    /// Runs one step like [`StepModel::step`], but may return only each row's `candidates`
+    /// largest logits and its log-sum-exp ([`StepLogits::Candidates`], from
+    /// `engine::ops::top_k_candidates`) instead of the whole rows: what a GPU model does so
+    /// that [B, V] logits never cross to the host. The engine asks only when every sampling
+    /// row can be drawn from that many (1 ≤ `candidates` ≤ min(V, `engine::ops::MAX_TOP_K`)).
+    /// The default returns the full rows.
+    fn step_top(&mut self, batch: &StepBatch, _candidates: usize) -> Result<StepLogits> {
+        self.step(batch).map(StepLogits::Full)
+    }
+    /// The whole logits [B, V] of the last step, after [`StepModel::step_top`] returned
+    /// candidates: for the rare rows they cannot decide (a tie at the top-k cut, NaN).
+    fn last_full_logits(&mut self) -> Result<Vec<f32>> {
+        Err(SampleError::EngineConfig {
+            name: "last_full_logits",
+            msg: "this model returns full logits from every step; nothing was kept".into(),
+        })
+    }
     /// Forgets anything the model keeps per sequence (finished or preempted). The blocks of
     /// the sequence may be handed to another sequence in the next step.
     fn free(&mut self, _seq: SeqId) {}
@@ -124,6 +143,15 @@ pub trait StepModel {
     fn time_summary(&self) -> Option<String> {
         None
     }
+}
+
+/// What a step hands the sampler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepLogits {
+    /// Every row whole: [B, V].
+    Full(Vec<f32>),
+    /// Each row's `k` largest logits (value descending, ties to the lower id) and lse.
+    Candidates(TopK),
 }
 
 /// A boxed model is a model: a caller picks the runner (CPU or GPU) at run time.
@@ -139,6 +167,12 @@ impl<M: StepModel + ?Sized> StepModel for Box<M> {
     }
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
         (**self).step(batch)
+    }
+    fn step_top(&mut self, batch: &StepBatch, candidates: usize) -> Result<StepLogits> {
+        (**self).step_top(batch, candidates)
+    }
+    fn last_full_logits(&mut self) -> Result<Vec<f32>> {
+        (**self).last_full_logits()
     }
     fn free(&mut self, seq: SeqId) {
         (**self).free(seq)
@@ -328,38 +362,72 @@ impl<M: StepModel, T> Engine<M, T> {
         }
         self.stats.preemptions += schedule.preempted.len() as u64;
         let batch = self.build_batch(&schedule);
-        let logits = self.model.step(&batch)?;
-        let rows = batch.seqs.len();
-        if logits.len() != rows * self.vocab {
-            return Err(SampleError::LogitsShape {
-                got: logits.len(),
-                rows,
-                vocab: self.vocab,
-            });
-        }
-        self.stats.steps += 1;
-        self.stats.computed_tokens += batch.ids.len() as u64;
-
-        // Sequences whose last position was computed sample their next token.
+        // Sequences whose last position is computed in this step sample their next token.
         let mut row_of: HashMap<SeqId, usize> = HashMap::new();
         for (b, s) in batch.seqs.iter().enumerate() {
             if self.seqs[&s.seq].state.num_tokens() == s.start + s.len {
                 row_of.insert(s.seq, b);
             }
         }
+        // Candidates when every sampling row can be drawn from its top few logits.
         let vocab = self.vocab;
-        let mut work: Vec<(&mut SequenceState, &[f32])> = self
-            .seqs
-            .iter_mut()
-            .filter_map(|(id, e)| {
-                row_of
-                    .get(id)
-                    .map(|&b| (&mut e.state, &logits[b * vocab..(b + 1) * vocab]))
-            })
-            .collect();
-        work.par_iter_mut()
-            .map(|(state, row)| state.step(row).map(drop))
-            .collect::<Result<Vec<()>>>()?;
+        let candidates = row_of.keys().try_fold(1usize, |n, id| {
+            self.seqs[id]
+                .state
+                .candidates_needed(vocab)
+                .map(|m| n.max(m))
+        });
+        let logits = match candidates {
+            Some(n) => self.model.step_top(&batch, n.min(vocab))?,
+            None => StepLogits::Full(self.model.step(&batch)?),
+        };
+        let rows = batch.seqs.len();
+        self.stats.steps += 1;
+        self.stats.computed_tokens += batch.ids.len() as u64;
+
+        match logits {
+            StepLogits::Full(logits) => self.sample_full(&row_of, &logits, rows, None)?,
+            StepLogits::Candidates(top) => {
+                let k = top.k;
+                if top.values.len() != rows * k
+                    || top.ids.len() != rows * k
+                    || top.lse.len() != rows
+                {
+                    return Err(SampleError::LogitsShape {
+                        got: top.values.len(),
+                        rows,
+                        vocab: k,
+                    });
+                }
+                let mut work: Vec<(SeqId, &mut SequenceState, CandidateRow<'_>)> = self
+                    .seqs
+                    .iter_mut()
+                    .filter_map(|(id, e)| {
+                        row_of.get(id).map(|&b| {
+                            let row = CandidateRow {
+                                values: &top.values[b * k..(b + 1) * k],
+                                ids: &top.ids[b * k..(b + 1) * k],
+                                lse: top.lse[b],
+                            };
+                            (*id, &mut e.state, row)
+                        })
+                    })
+                    .collect();
+                let undecided: Vec<SeqId> = work
+                    .par_iter_mut()
+                    .map(|(id, state, row)| {
+                        Ok(state.step_candidates(*row, vocab)?.is_none().then_some(*id))
+                    })
+                    .collect::<Result<Vec<Option<SeqId>>>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                if !undecided.is_empty() {
+                    let full = self.model.last_full_logits()?;
+                    self.sample_full(&row_of, &full, rows, Some(&undecided))?;
+                }
+            }
+        }
         self.stats.generated_tokens += row_of.len() as u64;
 
         let mut finished = Vec::new();
@@ -377,6 +445,39 @@ impl<M: StepModel, T> Engine<M, T> {
         }
         self.stats.finished += finished.len() as u64;
         Ok(finished)
+    }
+
+    /// Samples the sequences of `row_of` (only those in `only`, when given) from the whole
+    /// logits rows [rows, V] of the step.
+    fn sample_full(
+        &mut self,
+        row_of: &HashMap<SeqId, usize>,
+        logits: &[f32], // [B, V]
+        rows: usize,
+        only: Option<&[SeqId]>,
+    ) -> Result<()> {
+        let vocab = self.vocab;
+        if logits.len() != rows * vocab {
+            return Err(SampleError::LogitsShape {
+                got: logits.len(),
+                rows,
+                vocab,
+            });
+        }
+        let mut work: Vec<(&mut SequenceState, &[f32])> = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| only.is_none_or(|o| o.contains(id)))
+            .filter_map(|(id, e)| {
+                row_of
+                    .get(id)
+                    .map(|&b| (&mut e.state, &logits[b * vocab..(b + 1) * vocab]))
+            })
+            .collect();
+        work.par_iter_mut()
+            .map(|(state, row)| state.step(row).map(drop))
+            .collect::<Result<Vec<()>>>()?;
+        Ok(())
     }
 
     /// Steps until every sequence has finished; returns them in the order they finished.
@@ -423,6 +524,200 @@ impl<M: StepModel, T> Engine<M, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use crate::params::SamplingParams;
+    use crate::sampler::Sampler;
+    use crate::stop::StopTokens;
+    use crate::test_util::fixture_tokenizer;
+
+    const VOCAB: usize = 1003;
+    const EOS: u32 = 1;
+
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A model whose logits hash each sequence's context length and last token: on some
+    /// steps only a few distinct values (ties at every cut), on others many; a few −inf.
+    /// With `candidates` it answers `step_top` as a GPU runner does, from the CPU op.
+    struct HashModel {
+        candidates: bool,
+        last: Option<Vec<f32>>,
+        candidate_steps: usize,
+        full_copies: usize,
+    }
+
+    impl HashModel {
+        fn new(candidates: bool) -> Self {
+            Self {
+                candidates,
+                last: None,
+                candidate_steps: 0,
+                full_copies: 0,
+            }
+        }
+    }
+
+    impl StepModel for HashModel {
+        fn vocab_size(&self) -> usize {
+            VOCAB
+        }
+        fn max_model_len(&self) -> usize {
+            256
+        }
+        fn kv_geometry(&self) -> KvGeometry {
+            KvGeometry {
+                block_size: 4,
+                num_blocks: 400,
+            }
+        }
+        fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
+            let q = batch.q_starts();
+            let mut out = Vec::with_capacity(batch.seqs.len() * VOCAB);
+            for (b, s) in batch.seqs.iter().enumerate() {
+                let h = mix(((s.start + s.len) as u64) << 32 ^ batch.ids[q[b + 1] - 1] as u64);
+                let distinct = if h.is_multiple_of(16) { 6 } else { 1 << 20 };
+                out.extend((0..VOCAB as u64).map(|v| {
+                    let r = mix(h ^ (v << 20));
+                    if r.is_multiple_of(97) {
+                        f32::NEG_INFINITY
+                    } else {
+                        (r % distinct) as f32 / distinct as f32 * 12.0
+                    }
+                }));
+            }
+            Ok(out)
+        }
+        fn step_top(&mut self, batch: &StepBatch, candidates: usize) -> Result<StepLogits> {
+            let full = self.step(batch)?;
+            if !self.candidates {
+                return Ok(StepLogits::Full(full));
+            }
+            let t = engine::Tensor::from_vec(full.clone(), &[batch.seqs.len(), VOCAB])
+                .map_err(SampleError::model)?;
+            let top = engine::ops::top_k_candidates(&t, candidates).map_err(SampleError::model)?;
+            self.last = Some(full);
+            self.candidate_steps += 1;
+            Ok(StepLogits::Candidates(top))
+        }
+        fn last_full_logits(&mut self) -> Result<Vec<f32>> {
+            self.full_copies += 1;
+            Ok(self.last.take().expect("a candidates step kept its logits"))
+        }
+    }
+
+    /// Runs `params` (two samples of each on three prompts) to completion; returns each
+    /// sequence by tag.
+    fn run(model: HashModel, params: &[SamplingParams]) -> (Vec<SequenceState>, HashModel) {
+        let mut engine = Engine::new(
+            model,
+            EngineConfig {
+                max_num_seqs: 7,
+                max_num_batched_tokens: 40,
+            },
+        )
+        .unwrap();
+        let mut tag = 0;
+        for p in params {
+            let p = Arc::new(p.clone().validate().unwrap());
+            for prompt in [vec![5u32, 6, 7], vec![9; 20], vec![300, 2, 44, 8]] {
+                for i in 0..2 {
+                    let new = NewSequence {
+                        params: p.clone(),
+                        prompt_ids: prompt.clone(),
+                        tokenizer: fixture_tokenizer(),
+                        stop_tokens: Arc::new(StopTokens::new(&p, Some(EOS), &[])),
+                        rng: Sampler::new(3).rng_for(&p, tag, i),
+                        max_model_len: None,
+                    };
+                    engine.add(tag, new).unwrap();
+                    tag += 1;
+                }
+            }
+        }
+        let mut done: Vec<Finished<u64>> = engine.run_to_completion().unwrap();
+        done.sort_by_key(|f| f.tag);
+        let seqs = done.into_iter().map(|f| f.seq).collect();
+        (seqs, engine.model)
+    }
+
+    /// The engine samples from device-style candidates exactly what it samples from whole
+    /// rows: same tokens, log-probs within f32 rounding, same top log-prob ids — falling back
+    /// to the whole row where the candidates cannot decide (ties at the cut) or the
+    /// parameters need it (min_tokens while it lasts, penalties).
+    #[test]
+    fn candidate_steps_sample_what_full_steps_sample() {
+        let base = SamplingParams {
+            max_tokens: Some(12),
+            ..Default::default()
+        };
+        let with = |f: &dyn Fn(&mut SamplingParams)| {
+            let mut p = base.clone();
+            f(&mut p);
+            p
+        };
+        let scenarios = [
+            vec![
+                with(&|p| p.temperature = 0.0),
+                with(&|p| {
+                    (p.temperature, p.top_k, p.top_p) = (0.7, 5, 0.8);
+                }),
+                with(&|p| {
+                    (p.temperature, p.top_k, p.logprobs) = (1.0, 20, Some(3));
+                }),
+                with(&|p| {
+                    (p.temperature, p.top_k, p.logprobs) = (1.3, 2, Some(9));
+                }),
+                with(&|p| {
+                    (p.temperature, p.top_k, p.min_tokens) = (0.9, 64, 4);
+                }),
+            ],
+            vec![
+                with(&|p| {
+                    (p.temperature, p.top_k) = (0.7, 5);
+                }),
+                with(&|p| {
+                    (p.temperature, p.top_k, p.repetition_penalty) = (0.7, 5, 1.3);
+                }),
+            ],
+        ];
+        for (n, params) in scenarios.iter().enumerate() {
+            let (want, _) = run(HashModel::new(false), params);
+            let (got, model) = run(HashModel::new(true), params);
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("scenario {n}, sequence {i}");
+                assert_eq!(g.output_ids(), w.output_ids(), "{what}");
+                for (a, b) in g.token_logprobs().iter().zip(w.token_logprobs()) {
+                    assert!(
+                        (a - b).abs() <= 2e-6 * b.abs().max(1.0),
+                        "{what}: {a} vs {b}"
+                    );
+                }
+                assert_eq!(g.top_logprobs().len(), w.top_logprobs().len(), "{what}");
+                for (a, b) in g.top_logprobs().iter().zip(w.top_logprobs()) {
+                    let ids = |x: &[(u32, f32)]| x.iter().map(|t| t.0).collect::<Vec<_>>();
+                    assert_eq!(ids(a), ids(b), "{what}");
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x.1 - y.1).abs() <= 2e-6 * y.1.abs().max(1.0), "{what}");
+                    }
+                }
+            }
+            if n == 0 {
+                // Most steps ran on candidates; tie-heavy rows needed the whole row sometimes.
+                assert!(model.candidate_steps >= 10, "{}", model.candidate_steps);
+                assert!(model.full_copies >= 1);
+                assert!(2 * model.full_copies < model.candidate_steps);
+            } else {
+                // A penalty row in every step until it finishes: the whole rows until then.
+                assert!(model.candidate_steps < 30, "{}", model.candidate_steps);
+            }
+        }
+    }
 
     #[test]
     fn batch_starts_are_prefix_sums() {

@@ -90,7 +90,8 @@ pub mod testing;
 
 pub use detok::IncrementalDetokenizer;
 pub use engine::{
-    Engine, EngineConfig, EngineStats, Finished, KvGeometry, SeqId, SeqStep, StepBatch, StepModel,
+    Engine, EngineConfig, EngineStats, Finished, KvGeometry, SeqId, SeqStep, StepBatch, StepLogits,
+    StepModel,
 };
 pub use error::{Result, SampleError};
 pub use model_runner::ModelRunner;

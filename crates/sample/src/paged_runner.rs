@@ -13,8 +13,12 @@
 //!    copy: see [`KvRead`] and [`PagedView`]);
 //! 3. the last hidden row of each sequence, gathered on the device, through the LM head:
 //!    logits [B, V], f32 on the device;
-//! 4. one copy of those logits to the host, where the engine's CPU sampler (the reference
-//!    semantics of every processor) draws the next tokens.
+//! 4. when every sampling row's parameters allow it (`StepModel::step_top`), the device ranks
+//!    each row (`engine::ops::top_k_candidates`) and only the top candidates and the lse
+//!    cross to the host, where `candidates.rs` draws exactly what the full pipeline would;
+//!    else (penalties, min_p, min_tokens, no top_k, or a row the candidates cannot decide)
+//!    one copy of the whole logits, where the engine's CPU sampler (the reference semantics
+//!    of every processor) draws the next tokens.
 //!
 //! On the CPU the same code runs the engine's f32 reference ops, so the CI tests of this
 //! runner (HF greedy parity on every fixture model) check the slot mapping, the block
@@ -40,7 +44,7 @@ use engine::ops::{self, AttentionOut, AttentionParams, PagedLayout, SeqLayout};
 use engine::{Device, EngineError, Tensor};
 use model::{KvCache, Model, ModelError};
 
-use crate::engine::{KvGeometry, StepBatch, StepModel};
+use crate::engine::{KvGeometry, StepBatch, StepLogits, StepModel};
 use crate::error::{Result, SampleError};
 use crate::model_runner::context_len;
 
@@ -64,8 +68,14 @@ pub struct RunnerTimes {
     /// Waiting for the GPU to finish the queued work (only measured with a step trace; else
     /// part of `copy`).
     pub wait: f64,
-    /// Copying the logits to the host.
+    /// Copying the logits to the host (or, in candidate steps, ranking them on the device
+    /// and copying each row's top candidates).
     pub copy: f64,
+    /// Steps that copied only each row's top candidates (`StepModel::step_top` on a GPU).
+    pub candidate_steps: u64,
+    /// Candidate steps that then copied the whole logits too, for rows the candidates could
+    /// not decide.
+    pub full_copies: u64,
 }
 
 pub struct PagedRunner {
@@ -78,6 +88,8 @@ pub struct PagedRunner {
     read: KvRead,
     trace: Option<StepTrace>,
     times: RunnerTimes,
+    /// The last candidate step's device logits [B, V], for `last_full_logits`.
+    last_logits: Option<Tensor>,
 }
 
 impl PagedRunner {
@@ -127,6 +139,7 @@ impl PagedRunner {
             read: KvRead::from_env()?,
             trace,
             times: RunnerTimes::default(),
+            last_logits: None,
         })
     }
 
@@ -197,22 +210,62 @@ impl StepModel for PagedRunner {
         };
         Some(format!(
             "{} model steps on {}: host enqueue {:.2} ms{wait}, logits copy {:.2} ms per step \
-             (KV read: {:?})",
+             ({} steps copied top-k candidates only, {} of them the full logits too; KV read: \
+             {:?})",
             t.steps,
             self.device,
             1e3 * t.enqueue / n,
             1e3 * t.copy / n,
+            t.candidate_steps,
+            t.full_copies,
             self.read
         ))
     }
 
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
+        self.run_step(batch, |logits| {
+            Ok((logits.to_vec().map_err(SampleError::model)?, None))
+        })
+    }
+
+    fn step_top(&mut self, batch: &StepBatch, candidates: usize) -> Result<StepLogits> {
+        if self.device == Device::Cpu {
+            // The logits are on the host already: the engine's host sampler is as fast.
+            return self.step(batch).map(StepLogits::Full);
+        }
+        self.run_step(batch, |logits| {
+            let top = ops::top_k_candidates(&logits, candidates).map_err(SampleError::model)?;
+            Ok((StepLogits::Candidates(top), Some(logits)))
+        })
+    }
+
+    fn last_full_logits(&mut self) -> Result<Vec<f32>> {
+        let logits = self.last_logits.take().ok_or(SampleError::EngineConfig {
+            name: "last_full_logits",
+            msg: "no step kept its logits (the last step returned full rows)".into(),
+        })?;
+        self.times.full_copies += 1;
+        logits.to_vec().map_err(SampleError::model)
+    }
+}
+
+impl PagedRunner {
+    /// One step: the forward and the LM head, then `fetch` brings what the sampler needs
+    /// from the device logits [B, V] to the host; logits it hands back are kept for
+    /// [`StepModel::last_full_logits`] until the next step starts.
+    fn run_step<T>(
+        &mut self,
+        batch: &StepBatch,
+        fetch: impl FnOnce(Tensor) -> Result<(T, Option<Tensor>)>,
+    ) -> Result<T> {
         let _span = tracing::debug_span!(
             "paged step",
             seqs = batch.seqs.len(),
             tokens = batch.ids.len()
         )
         .entered();
+        // Free the previous step's logits before this step's activations need the memory.
+        self.last_logits = None;
         let t0 = Instant::now();
         let layout = step_layout(batch)?;
         let packed = layout.packed();
@@ -238,7 +291,9 @@ impl StepModel for PagedRunner {
                 .map_err(|e| SampleError::model(engine::EngineError::from(e)))?;
         }
         let t2 = Instant::now();
-        let host = logits.to_vec().map_err(SampleError::model)?;
+        let (out, kept) = fetch(logits)?;
+        self.times.candidate_steps += u64::from(kept.is_some());
+        self.last_logits = kept;
         let t3 = Instant::now();
 
         let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
@@ -255,7 +310,7 @@ impl StepModel for PagedRunner {
                 [secs(t0, t1), secs(t1, t2), secs(t2, t3)],
             )?;
         }
-        Ok(host)
+        Ok(out)
     }
 }
 
@@ -444,12 +499,13 @@ impl StepTrace {
 
     fn record(&mut self, seqs: usize, q: usize, kv: usize, secs: [f64; 3]) -> Result<()> {
         let [a, b, c] = secs.map(|s| s * 1e3);
-        writeln!(self.out, "{seqs}\t{q}\t{kv}\t{a:.3}\t{b:.3}\t{c:.3}").map_err(|source| {
-            SampleError::OutputIo {
+        // Flushed per line: a run killed by a time limit still leaves whole lines.
+        writeln!(self.out, "{seqs}\t{q}\t{kv}\t{a:.3}\t{b:.3}\t{c:.3}")
+            .and_then(|()| self.out.flush())
+            .map_err(|source| SampleError::OutputIo {
                 path: self.path.clone(),
                 source,
-            }
-        })
+            })
     }
 }
 

@@ -112,13 +112,55 @@ impl SequenceState {
                 reason: f.reason.as_str(),
             });
         }
-        let min_tokens = self.params.min_tokens as usize;
-        let banned = if self.output_ids.len() < min_tokens {
+        // Field by field (not `self.banned()`): the RNG is borrowed mutably beside it.
+        let banned = if self.output_ids.len() < self.params.min_tokens as usize {
             self.stop_tokens.min_tokens_mask()
         } else {
             &[]
         };
         let token = Sampler::sample(logits, &self.params, &self.history, banned, &mut self.rng)?;
+        self.accept(token)
+    }
+
+    /// How many device candidates the next step needs (`engine::ops::top_k_candidates`), or
+    /// `None` when it needs the whole logits row.
+    pub(crate) fn candidates_needed(&self, vocab: usize) -> Option<usize> {
+        crate::candidates::candidates_needed(&self.params, self.banned(), vocab)
+    }
+
+    /// [`SequenceState::step`] from the row's device candidates: `Ok(None)`, with nothing
+    /// changed, when they cannot decide the token (then step with the whole row).
+    pub(crate) fn step_candidates(
+        &mut self,
+        row: crate::candidates::CandidateRow<'_>,
+        vocab: usize,
+    ) -> Result<Option<StepOutcome>> {
+        if let Some(f) = &self.finish {
+            return Err(SampleError::Finished {
+                reason: f.reason.as_str(),
+            });
+        }
+        if !self.banned().is_empty() {
+            return Ok(None);
+        }
+        match crate::candidates::sample_from_candidates(row, &self.params, vocab, &mut self.rng) {
+            Some(token) => self.accept(token).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The min_tokens mask of this step (empty once min_tokens are out).
+    fn banned(&self) -> &[u32] {
+        if self.output_ids.len() < self.params.min_tokens as usize {
+            self.stop_tokens.min_tokens_mask()
+        } else {
+            &[]
+        }
+    }
+
+    /// Appends the sampled `token` and does the rest of the step: stops, text, streaming.
+    fn accept(&mut self, token: SampledToken) -> Result<StepOutcome> {
+        let min_tokens = self.params.min_tokens as usize;
         let id = token.token_id;
         self.output_ids.push(id);
         self.history.push_output(id);

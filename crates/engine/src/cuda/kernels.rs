@@ -20,11 +20,12 @@ pub enum Module {
     Attention,
     Logprobs,
     PagedAttention,
+    TopK,
 }
 
 impl Module {
     /// Every module, in the order `prefer kernels` reports them.
-    pub const ALL: [Module; 8] = [
+    pub const ALL: [Module; 9] = [
         Module::Elementwise,
         Module::Activation,
         Module::Embedding,
@@ -33,6 +34,7 @@ impl Module {
         Module::Attention,
         Module::Logprobs,
         Module::PagedAttention,
+        Module::TopK,
     ];
 
     /// The file stem under kernels/.
@@ -46,6 +48,7 @@ impl Module {
             Module::Attention => "attention",
             Module::Logprobs => "logprobs",
             Module::PagedAttention => "paged_attention",
+            Module::TopK => "top_k",
         }
     }
 
@@ -59,6 +62,7 @@ impl Module {
             Module::Attention => include_str!("../../kernels/attention.cu"),
             Module::Logprobs => include_str!("../../kernels/logprobs.cu"),
             Module::PagedAttention => include_str!("../../kernels/paged_attention.cu"),
+            Module::TopK => include_str!("../../kernels/top_k.cu"),
         }
     }
 
@@ -84,6 +88,7 @@ impl Module {
             ],
             Module::Logprobs => &["logprob_init", "logprob_chunk", "logprob_finish"],
             Module::PagedAttention => super::ops::paged_attention::KERNELS,
+            Module::TopK => &["top_k_candidates_f32"],
         }
     }
 }

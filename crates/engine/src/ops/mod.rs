@@ -13,6 +13,7 @@ mod logprobs;
 pub(crate) mod paged_attention;
 mod rms_norm;
 mod rope;
+mod top_k;
 
 pub use activation::{Activation, gated_activation, gated_activation_packed};
 pub use attention::{AttentionOut, AttentionParams, SeqLayout, attention};
@@ -26,3 +27,4 @@ pub use paged_attention::{
 };
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::{Rope, RopeScaling, rope, rope_qkv_split};
+pub use top_k::{MAX_TOP_K, TopK, top_k_candidates};

@@ -11,6 +11,7 @@ pub(crate) mod logprobs;
 pub(crate) mod paged_attention;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
+pub(crate) mod top_k;
 
 use std::sync::Arc;
 

@@ -1,0 +1,210 @@
+//! Each row's k largest logits and its log-sum-exp: the few numbers sampling needs, so a
+//! [B, V] logits tensor on a GPU never has to cross to the host.
+//!
+//! Order: value descending, ties to the lower id — a strict total order, so the result is
+//! unique and a host top-N for N ≤ k is its prefix. NaN orders as −inf; a row holding any
+//! NaN gets a NaN lse, so the caller can tell the row is bad. `lse = max + ln Σ e^(l − max)`
+//! over the raw logits (±inf when the max is), so `value − lse` is a raw log-prob.
+//!
+//! The CPU reference sorts each row; the CUDA kernel (kernels/top_k.cu) does k block-wide
+//! argmax rounds. Both return host arrays: the result is small by design.
+
+use rayon::prelude::*;
+
+use crate::cuda::ops as cuda_ops;
+use crate::{EngineError, Result, Tensor};
+
+/// The largest k the op takes (the kernel rereads the row once per pick).
+pub const MAX_TOP_K: usize = 128;
+
+/// The top candidates of every row, on the host.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TopK {
+    /// Candidates per row.
+    pub k: usize,
+    pub values: Vec<f32>, // [B, k], each row in the op's order
+    pub ids: Vec<u32>,    // [B, k]
+    pub lse: Vec<f32>,    // [B]
+}
+
+/// logits: [B, V] f32 → each row's `k` largest (1 ≤ k ≤ min(V, [`MAX_TOP_K`])) and its lse.
+pub fn top_k_candidates(logits: &Tensor, k: usize) -> Result<TopK> {
+    const OP: &str = "top_k_candidates";
+    let [b, v] = logits.dims(OP, "logits: [B, V]")?;
+    check_k(OP, k, v)?;
+    if let Some(gpu) = cuda_ops::device_of(OP, &[("logits", logits)])? {
+        return cuda_ops::top_k::top_k_candidates(&gpu, logits, b, v, k);
+    }
+    let data = logits.as_slice()?;
+    let rows: Vec<(Vec<(u32, f32)>, f32)> = data
+        .par_chunks(v.max(1))
+        .take(b)
+        .map(|row| (row_top_k(row, k), row_lse(row)))
+        .collect();
+    let mut out = TopK {
+        k,
+        values: Vec::with_capacity(b * k),
+        ids: Vec::with_capacity(b * k),
+        lse: Vec::with_capacity(b),
+    };
+    for (top, lse) in rows {
+        out.ids.extend(top.iter().map(|c| c.0));
+        out.values.extend(top.iter().map(|c| c.1));
+        out.lse.push(lse);
+    }
+    Ok(out)
+}
+
+/// k must be a pick the row can supply, and ids must fit the kernel's u32 (with one value
+/// left over for "none").
+pub(crate) fn check_k(op: &'static str, k: usize, v: usize) -> Result<()> {
+    if k == 0 || k > v || k > MAX_TOP_K {
+        return Err(EngineError::Arg {
+            op,
+            msg: format!("k = {k}: expected 1 ≤ k ≤ min(V = {v}, {MAX_TOP_K})"),
+        });
+    }
+    if v >= u32::MAX as usize {
+        return Err(EngineError::Arg {
+            op,
+            msg: format!("V = {v} does not fit the kernel's 32-bit token ids"),
+        });
+    }
+    Ok(())
+}
+
+fn nan_to_neg_inf(x: f32) -> f32 {
+    if x.is_nan() { f32::NEG_INFINITY } else { x }
+}
+
+/// The row's `k` first (id, value) in the op's order, values with NaN as −inf.
+fn row_top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut all: Vec<(u32, f32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i as u32, nan_to_neg_inf(x)))
+        .collect();
+    // No NaN is left, so partial_cmp is total here; -0.0 and 0.0 tie, as in the kernel.
+    let order = |a: &(u32, f32), b: &(u32, f32)| {
+        b.1.partial_cmp(&a.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.0.cmp(&b.0))
+    };
+    if k < all.len() {
+        all.select_nth_unstable_by(k - 1, order);
+        all.truncate(k);
+    }
+    all.sort_unstable_by(order);
+    all
+}
+
+/// ln Σ e^l over the row, in f64 (the reference for the kernel's f32 sums).
+fn row_lse(row: &[f32]) -> f32 {
+    if row.iter().any(|x| x.is_nan()) {
+        return f32::NAN;
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    (max as f64 + sum.ln()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::Rng;
+
+    /// The naive definition: sort every (value, id) pair with a comparator written out
+    /// separately from the op's, take the first k; lse by a plain f64 loop.
+    fn naive(row: &[f32], k: usize) -> (Vec<u32>, Vec<f32>, f64) {
+        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+        let key = |i: u32| {
+            let x = row[i as usize];
+            if x.is_nan() { f32::NEG_INFINITY } else { x }
+        };
+        ids.sort_by(|&a, &b| {
+            if key(a) > key(b) {
+                std::cmp::Ordering::Less
+            } else if key(a) < key(b) {
+                std::cmp::Ordering::Greater
+            } else {
+                a.cmp(&b)
+            }
+        });
+        ids.truncate(k);
+        let vals = ids.iter().map(|&i| key(i)).collect();
+        let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        (ids, vals, lse)
+    }
+
+    #[test]
+    fn matches_a_naive_sort_on_rows_with_ties() {
+        let mut rng = Rng::new(41);
+        for case in 0..60 {
+            let (b, v) = (1 + rng.below(5), 1 + rng.below(700));
+            // Few distinct values on most rows: many ties, straddling the cut.
+            let distinct = [3usize, 20, 1 << 20][case % 3];
+            let data: Vec<f32> = (0..b * v)
+                .map(|_| rng.below(distinct) as f32 / distinct as f32 * 12.0 - 6.0)
+                .collect();
+            let k = 1 + rng.below(v.min(MAX_TOP_K));
+            let t = Tensor::from_vec(data.clone(), &[b, v]).unwrap();
+            let got = top_k_candidates(&t, k).unwrap();
+            assert_eq!((got.k, got.values.len(), got.ids.len()), (k, b * k, b * k));
+            for (r, row) in data.chunks(v).enumerate() {
+                let (ids, vals, lse) = naive(row, k);
+                assert_eq!(
+                    &got.ids[r * k..(r + 1) * k],
+                    ids.as_slice(),
+                    "case {case} row {r}"
+                );
+                assert_eq!(&got.values[r * k..(r + 1) * k], vals.as_slice());
+                assert!(
+                    (got.lse[r] as f64 - lse).abs() <= 1e-6 * lse.abs().max(1.0),
+                    "case {case} row {r}: lse {} vs {lse}",
+                    got.lse[r]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn infinities_and_nan() {
+        let ninf = f32::NEG_INFINITY;
+        let data = vec![
+            ninf,
+            1.0,
+            f32::NAN,
+            1.0, // a NaN: last in order, lse NaN
+            ninf,
+            ninf,
+            ninf,
+            ninf, // all −inf: ids in order, lse −inf
+            0.5,
+            f32::INFINITY,
+            ninf,
+            2.0, // +inf first, lse +inf
+        ];
+        let t = Tensor::from_vec(data, &[3, 4]).unwrap();
+        let got = top_k_candidates(&t, 4).unwrap();
+        assert_eq!(got.ids, vec![1, 3, 0, 2, 0, 1, 2, 3, 1, 3, 0, 2]);
+        assert_eq!(&got.values[..4], &[1.0, 1.0, ninf, ninf]);
+        assert!(got.lse[0].is_nan());
+        assert_eq!(got.lse[1], ninf);
+        assert_eq!(got.lse[2], f32::INFINITY);
+    }
+
+    #[test]
+    fn k_out_of_range_is_an_error() {
+        let t = Tensor::zeros(&[2, 5]);
+        for k in [0, 6] {
+            let e = top_k_candidates(&t, k).unwrap_err().to_string();
+            assert!(e.contains("expected 1 ≤ k"), "{e}");
+        }
+        let wide = Tensor::zeros(&[1, 200]);
+        assert!(top_k_candidates(&wide, MAX_TOP_K + 1).is_err());
+        assert!(top_k_candidates(&Tensor::zeros(&[5]), 1).is_err());
+    }
+}
