@@ -152,6 +152,22 @@ impl Tensor {
         })
     }
 
+    /// A copy on `device` that keeps f32 precision on a GPU too (logits, statistics): what
+    /// [`Tensor::to_device`] gives for tensors the GPU keeps in f32 (e.g. `ops::logits`).
+    pub fn to_device_f32(&self, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => self.to_device(device),
+            Device::Cuda(ordinal) => {
+                let backend = CudaBackend::get(ordinal)?;
+                let host = self.to_vec()?;
+                Ok(Tensor {
+                    shape: self.shape.clone(),
+                    storage: Storage::Cuda(CudaStorage::from_f32_exact(&backend, &host)?),
+                })
+            }
+        }
+    }
+
     /// A tensor on `device` from raw bf16 bits (what safetensors stores for bf16 weights):
     /// uploaded as is to a GPU, widened to f32 on the CPU.
     pub fn from_bf16_bits(bits: &[u16], shape: &[usize], device: Device) -> Result<Tensor> {

@@ -33,7 +33,7 @@ impl Rng {
 fn check(what: &str, data: Vec<f32>, b: usize, v: usize, k: usize) {
     let cpu = Tensor::from_vec(data, &[b, v]).unwrap();
     let want = ops::top_k_candidates(&cpu, k).unwrap();
-    let got = ops::top_k_candidates(&cpu.to_device(GPU).unwrap(), k).unwrap();
+    let got = ops::top_k_candidates(&cpu.to_device_f32(GPU).unwrap(), k).unwrap();
     assert_eq!(got.k, k, "{what}");
     assert_eq!(got.ids, want.ids, "{what}: ids");
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
