@@ -7,55 +7,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
-
-fn fixtures_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("PREFER_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    [std::env::current_dir().ok(), std::env::current_exe().ok()]
-        .iter()
-        .flatten()
-        .flat_map(|s| s.ancestors())
-        .map(|a| a.join("fixtures"))
-        .find(|p| p.join("models").is_dir())
-        .expect("no fixtures/ folder found; set PREFER_FIXTURES")
-}
-
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(tag: &str) -> TempDir {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "prefer-score-test-{}-{tag}-{n}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
-}
+use testkit::{TempDir, f64s, fixtures_dir};
 
 /// A copy of a fixture model we may break.
 fn model_copy(name: &str, tag: &str) -> TempDir {
     let src = fixtures_dir().join("models").join(name);
-    let dst = temp_dir(tag);
+    let dst = TempDir::new(tag);
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dst.join(path.file_name().unwrap())).unwrap();
@@ -91,15 +50,6 @@ fn read_output(out: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-/// The fixture's HF text rows, run through the CLI with and without --add-eos.
 #[test]
 fn text_rows_match_hf() {
     for name in ["llama-tiny", "gemma2-tiny", "qwen2-tiny"] {
@@ -123,7 +73,7 @@ fn text_rows_match_hf() {
             if cases.is_empty() {
                 continue;
             }
-            let dir = temp_dir("hf-text");
+            let dir = TempDir::new("hf-text");
             let rows: Vec<String> = cases
                 .iter()
                 .enumerate()
@@ -189,7 +139,7 @@ fn ids_rows_keep_fields_and_match_the_library() {
             )
         })
         .collect();
-    let dir = temp_dir("ids");
+    let dir = TempDir::new("ids");
     let data = write_rows(&dir, &lines);
     for budget in ["8192", "7"] {
         let out = dir.join(format!("scores-{budget}.jsonl"));
@@ -237,7 +187,7 @@ fn ids_rows_keep_fields_and_match_the_library() {
 #[test]
 fn stats_and_profile_summarise_the_run() {
     let model = fixtures_dir().join("models").join("llama-tiny");
-    let dir = temp_dir("stats");
+    let dir = TempDir::new("stats");
     let rows: Vec<String> = (0..5)
         .map(|i| {
             let prompt: Vec<u32> = (0..3 + i).map(|t| 10 + t * 7).collect();
@@ -313,7 +263,7 @@ fn stats_and_profile_summarise_the_run() {
 
 /// Runs a failing case: non-zero exit, stderr mentions every `needles`, no output files.
 fn assert_fails(model: &Path, rows: Option<&[String]>, extra: &[&str], needles: &[&str]) {
-    let dir = temp_dir("bad");
+    let dir = TempDir::new("bad");
     let data = match rows {
         Some(rows) => write_rows(&dir, rows),
         None => dir.join("does-not-exist.jsonl"),
@@ -429,7 +379,7 @@ fn bad_options_fail_cleanly() {
 #[test]
 fn bad_model_directories_fail_cleanly() {
     let rows = [good_row()];
-    let missing = temp_dir("no-model").join("nothing-here");
+    let missing = TempDir::new("no-model").join("nothing-here");
     assert_fails(&missing, Some(&rows), &[], &["config.json"]);
 
     // Truncated weights.

@@ -16,74 +16,13 @@
 use engine::ops::{self, AttentionOut, AttentionParams, PagedKernel, PagedLayout, SlotMapping};
 use engine::{Device, Tensor};
 
-const GPU: Device = Device::Cuda(0);
-/// bf16 unit roundoff.
-const U: f64 = 1.0 / 256.0;
+mod common;
+use common::{GPU, NonFinite, Rng, gpu, gpu_lock};
 
-/// GPU tests share one device backend: run them one at a time.
-fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// SplitMix64: reproducible inputs without a rand dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// `n` bf16-exact values uniform in [lo, hi).
-    fn bf16_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| half::bf16::from_f32(self.uniform(lo, hi)).to_f32())
-            .collect()
-    }
-
-    fn shuffled(&mut self, n: usize) -> Vec<u32> {
-        let mut ids: Vec<u32> = (0..n as u32).collect();
-        for i in (1..n).rev() {
-            ids.swap(i, self.below(i + 1));
-        }
-        ids
-    }
-}
-
-fn gpu(t: &Tensor) -> Tensor {
-    t.to_device(GPU).unwrap()
-}
-
-/// Asserts |got − want| ≤ abs + rel·U·|want| elementwise (NaN nowhere); names the first
-/// failure and prints the largest error.
+/// [`common::assert_close_tensors`] with NaN nowhere: a kernel reading an unused (NaN) pool
+/// slot fails.
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, abs: f64, rel: f64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let (g, w) = (got.to_vec().unwrap(), want.to_vec().unwrap());
-    let mut worst = (0.0f64, 0usize);
-    for (i, (&g, &w)) in g.iter().zip(&w).enumerate() {
-        let err = (g as f64 - w as f64).abs();
-        let tol = abs + rel * U * (w as f64).abs();
-        assert!(
-            err <= tol,
-            "{what}[{i}]: got {g}, want {w}, |err| {err:.3e} > {tol:.3e}"
-        );
-        if err > worst.0 {
-            worst = (err, i);
-        }
-    }
-    eprintln!("{what}: max |err| {:.3e} at {}", worst.0, worst.1);
+    common::assert_close_tensors(what, got, want, abs, rel, NonFinite::Fails);
 }
 
 fn starts(lens: impl IntoIterator<Item = usize>) -> Vec<usize> {

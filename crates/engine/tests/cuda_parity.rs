@@ -17,76 +17,16 @@ use engine::cuda::{
 use engine::ops::{self, Activation, AttentionParams, LogProbChunks, Rope, RopeScaling, SeqLayout};
 use engine::{Device, Tensor};
 
-const GPU: Device = Device::Cuda(0);
+mod common;
+use common::{GPU, NonFinite, Rng, bf16_round, gpu, gpu_lock, rand_tensor};
 
-/// GPU tests share one device backend (its arena counters included): run them one at a time
-/// whatever `--test-threads` says.
-fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-/// bf16 unit roundoff.
-const U: f64 = 1.0 / 256.0;
-
-/// SplitMix64: reproducible inputs without a rand dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn bf16_round(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
-}
-
-/// A CPU tensor of bf16-exact values uniform in [lo, hi).
-fn rand_tensor(rng: &mut Rng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
-    let n = shape.iter().product();
-    let data = (0..n).map(|_| bf16_round(rng.uniform(lo, hi))).collect();
-    Tensor::from_vec(data, shape).unwrap()
-}
-
-fn gpu(t: &Tensor) -> Tensor {
-    t.to_device(GPU).unwrap()
-}
-
-/// Asserts |got − want| ≤ abs + rel·U·|want| elementwise; names the first failure and
-/// reports the largest error.
+/// [`common::assert_close_tensors`]; NaN against NaN and equal infinities pass.
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, abs: f64, rel: f64) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let (g, w) = (got.to_vec().unwrap(), want.to_vec().unwrap());
-    assert_close_slices(what, &g, &w, abs, rel);
+    common::assert_close_tensors(what, got, want, abs, rel, NonFinite::SameIsEqual);
 }
 
 fn assert_close_slices(what: &str, got: &[f32], want: &[f32], abs: f64, rel: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = (0.0f64, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w as f64).abs();
-        let tol = abs + rel * U * (w as f64).abs();
-        assert!(
-            err <= tol || (g.is_nan() && w.is_nan()) || (g == w),
-            "{what}[{i}]: got {g}, want {w}, |err| {err:.3e} > {tol:.3e}"
-        );
-        if err > worst.0 {
-            worst = (err, i);
-        }
-    }
-    eprintln!("{what}: max |err| {:.3e} at {}", worst.0, worst.1);
+    common::assert_close_slices(what, got, want, abs, rel, NonFinite::SameIsEqual);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,27 +8,11 @@
 //! Build here with `cargo test --release -p engine --test cuda_top_k --no-run`; run on the
 //! GPU machine with `--include-ignored`.
 
+use engine::Tensor;
 use engine::ops::{self, MAX_TOP_K};
-use engine::{Device, Tensor};
 
-const GPU: Device = Device::Cuda(0);
-
-/// SplitMix64: reproducible inputs without a rand dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+mod common;
+use common::{GPU, Rng};
 
 fn check(what: &str, data: Vec<f32>, b: usize, v: usize, k: usize) {
     let cpu = Tensor::from_vec(data, &[b, v]).unwrap();

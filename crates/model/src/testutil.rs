@@ -2,61 +2,22 @@
 //! family written from a config (so unit tests need no Python and no fixture download).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::weights::testing::{RawTensor, write_safetensors};
 
-/// A fresh, empty directory under the system temp dir, removed when dropped.
-pub(crate) struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for TempDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// The shared scratch folder (removed when dropped) of every test suite.
+pub(crate) use testkit::TempDir;
 
 pub(crate) fn temp_dir(tag: &str) -> TempDir {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "prefer-model-test-{}-{tag}-{n}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+    TempDir::new(&format!("model-{tag}"))
 }
 
-/// The repository's `fixtures/` folder: $PREFER_FIXTURES, else the first `fixtures` folder
-/// found walking up from the current directory (cargo runs unit tests in the crate dir).
-pub(crate) fn fixtures_dir() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PREFER_FIXTURES") {
-        return Some(PathBuf::from(p));
-    }
-    let cwd = std::env::current_dir().ok()?;
-    cwd.ancestors()
-        .map(|a| a.join("fixtures"))
-        .find(|p| p.is_dir())
-}
-
+/// The fixture tokenizer, when the repository's `fixtures/` holds one.
 pub(crate) fn fixture_tokenizer_dir() -> Option<PathBuf> {
-    let dir = fixtures_dir()?.join("tokenizer");
+    let dir = testkit::fixture("tokenizer");
     dir.join("tokenizer.json").is_file().then_some(dir)
 }
 

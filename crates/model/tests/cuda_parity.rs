@@ -49,6 +49,7 @@ use engine::cuda::CudaBackend;
 use engine::ops::SeqLayout;
 use model::{CpuKvCache, Model, OpKind, Tokenizer};
 use serde_json::Value;
+use testkit::{f64s, fixtures_dir, u32s};
 
 const GPU: Device = Device::Cuda(0);
 /// The per-token log-prob bound, bf16 GPU against f32 CPU: the floor of every bound.
@@ -68,19 +69,6 @@ static GPU_LOCK: Mutex<()> = Mutex::new(());
 
 fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
     GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn fixtures_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("PREFER_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    [std::env::current_dir().ok(), std::env::current_exe().ok()]
-        .iter()
-        .flatten()
-        .flat_map(|s| s.ancestors())
-        .map(|a| a.join("fixtures"))
-        .find(|p| p.join("models").is_dir())
-        .expect("no fixtures/ folder with models/ above the current dir or the test binary; set PREFER_FIXTURES")
 }
 
 fn read_json(path: &Path) -> Value {
@@ -126,22 +114,6 @@ fn fixture_models() -> Vec<Fixture> {
         out.len()
     );
     out
-}
-
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 /// Collects mismatches so one run reports all of them.

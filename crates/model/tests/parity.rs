@@ -19,22 +19,9 @@ use engine::Device;
 use engine::ops::SeqLayout;
 use model::{CpuKvCache, Model, Tokenizer};
 use serde_json::Value;
+use testkit::{f64s, fixtures_dir, u32s};
 
 const TOL: f64 = 1e-4;
-
-fn fixtures_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("PREFER_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok()];
-    starts
-        .iter()
-        .flatten()
-        .flat_map(|s| s.ancestors())
-        .map(|a| a.join("fixtures"))
-        .find(|p| p.join("models").is_dir())
-        .expect("no fixtures/ folder with models/ found above the current dir or the test binary; set PREFER_FIXTURES")
-}
 
 /// Every fixture model with its reference, sorted by name.
 fn fixture_models() -> Vec<(String, PathBuf, Value)> {
@@ -56,22 +43,6 @@ fn fixture_models() -> Vec<(String, PathBuf, Value)> {
     out.sort_by(|a, b| a.0.cmp(&b.0));
     assert!(!out.is_empty(), "no fixture models with references");
     out
-}
-
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 fn near_ties(v: &Value) -> Vec<usize> {

@@ -31,17 +31,9 @@ use sample::{
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-const MODELS: [&str; 9] = [
-    "llama-tiny",
-    "llama-ropeparams",
-    "mistral-tiny",
-    "qwen2-tiny",
-    "qwen2-window",
-    "gemma-tiny",
-    "gemma-exactgelu",
-    "gemma2-tiny",
-    "gemma2-oldconfig",
-];
+#[path = "sample/fixture_greedy.rs"]
+mod fixture_greedy;
+use fixture_greedy::{MODELS, SETUPS, Setup, greedy_cases, greedy_params, new_sequence};
 
 /// The least HF f32 top-1/top-2 margin a bf16 run must follow; per model the threshold is
 /// max(this, 2 × HF bf16's largest log-prob error on it: see [`margin_threshold`]), the model
@@ -132,85 +124,9 @@ fn gpu() -> Device {
     Device::Cuda(n)
 }
 
-struct Case {
-    prompt: Vec<u32>,
-    output: Vec<u32>,
-    margins: Vec<f64>,
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("an array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("an id") as u32)
-        .collect()
-}
-
-/// fixtures/reference/<model>.json's `greedy` cases (40 new tokens, EOS disabled).
-fn greedy_cases(name: &str) -> Vec<Case> {
-    let path = testkit::fixture(format!("reference/{name}.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["greedy"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| {
-            assert_eq!(g["max_new_tokens"], 40);
-            Case {
-                prompt: ids(&g["prompt_ids"]),
-                output: ids(&g["output_ids"]),
-                margins: g["margins"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|m| m.as_f64().unwrap())
-                    .collect(),
-            }
-        })
-        .collect()
-}
-
-struct Setup {
-    what: &'static str,
-    block_size: usize,
-    num_blocks: usize,
-    config: EngineConfig,
-}
-
 /// Both ways the layers read the pools: the paged kernels in place, and gathered copies
 /// for the model's packed attention.
 const READS: [KvRead; 2] = [KvRead::InPlace, KvRead::Gather];
-
-const SETUPS: [Setup; 3] = [
-    Setup {
-        what: "one batch, blocks of 4",
-        block_size: 4,
-        num_blocks: 64,
-        config: EngineConfig {
-            max_num_seqs: 256,
-            max_num_batched_tokens: 8192,
-        },
-    },
-    Setup {
-        what: "chunked prefill of 5 tokens a step, blocks of 3",
-        block_size: 3,
-        num_blocks: 64,
-        config: EngineConfig {
-            max_num_seqs: 256,
-            max_num_batched_tokens: 5,
-        },
-    },
-    Setup {
-        what: "30 blocks of 2: preemption",
-        block_size: 2,
-        num_blocks: 30,
-        config: EngineConfig {
-            max_num_seqs: 256,
-            max_num_batched_tokens: 8192,
-        },
-    },
-];
 
 /// Greedy generation of every case of `name` on `device` under `setup`: the output ids of
 /// each case, in case order.
@@ -218,29 +134,13 @@ fn generate(name: &str, device: Device, setup: &Setup, read: KvRead) -> Vec<Vec<
     let dir = testkit::fixture(format!("models/{name}"));
     let tokenizer = Arc::new(Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
     let cases = greedy_cases(name);
-    let params = Arc::new(
-        SamplingParams {
-            temperature: 0.0,
-            ignore_eos: true,
-            max_tokens: Some(40),
-            ..Default::default()
-        }
-        .validate()
-        .unwrap(),
-    );
+    let params = greedy_params();
     let model = Model::load(&dir, device).unwrap_or_else(|e| panic!("{name} on {device}: {e}"));
     let mut runner = PagedRunner::new(model, setup.block_size, setup.num_blocks, None).unwrap();
     runner.set_kv_read(read);
     let mut engine = Engine::new(runner, setup.config).unwrap();
     for (i, case) in cases.iter().enumerate() {
-        let new = NewSequence {
-            params: params.clone(),
-            prompt_ids: case.prompt.clone(),
-            tokenizer: tokenizer.clone(),
-            stop_tokens: Arc::new(StopTokens::new(&params, Some(1), &[1])),
-            rng: Sampler::new(0).rng_for(&params, i as u64, 0),
-            max_model_len: None,
-        };
+        let new = new_sequence(&params, &tokenizer, case, i);
         engine.add(i, new).unwrap();
     }
     let done = engine

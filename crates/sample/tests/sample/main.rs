@@ -3,5 +3,6 @@
 mod common;
 mod distribution;
 mod engine;
+mod fixture_greedy;
 mod greedy;
 mod sequences;
