@@ -29,17 +29,7 @@ impl ModelRunner {
         num_blocks: usize,
         max_model_len: Option<usize>,
     ) -> Result<Self> {
-        if block_size == 0 || num_blocks == 0 {
-            return Err(SampleError::EngineConfig {
-                name: if block_size == 0 {
-                    "block_size"
-                } else {
-                    "num_blocks"
-                },
-                msg: "must be at least 1".into(),
-            });
-        }
-        let max_model_len = context_len(&model, max_model_len)?;
+        let max_model_len = pool_and_context(&model, block_size, num_blocks, max_model_len)?;
         let c = model.config();
         let pool = KvPool::new(
             c.num_layers,
@@ -112,9 +102,31 @@ impl StepModel for ModelRunner {
     }
 }
 
+/// Checks a runner's pool shape (at least one block of at least one position) and returns
+/// its context: the config's `max_position_embeddings`, or `max_model_len` if given and not
+/// longer. Shared by the CPU and the GPU runner.
+pub(crate) fn pool_and_context(
+    model: &Model,
+    block_size: usize,
+    num_blocks: usize,
+    max_model_len: Option<usize>,
+) -> Result<usize> {
+    if block_size == 0 || num_blocks == 0 {
+        return Err(SampleError::EngineConfig {
+            name: if block_size == 0 {
+                "block_size"
+            } else {
+                "num_blocks"
+            },
+            msg: "must be at least 1".into(),
+        });
+    }
+    context_len(model, max_model_len)
+}
+
 /// A runner's context: the config's `max_position_embeddings`, or `max_model_len` if given
 /// and not longer.
-pub(crate) fn context_len(model: &Model, max_model_len: Option<usize>) -> Result<usize> {
+fn context_len(model: &Model, max_model_len: Option<usize>) -> Result<usize> {
     let context = model.config().max_position_embeddings;
     match max_model_len {
         Some(m) if m > context => Err(SampleError::EngineConfig {

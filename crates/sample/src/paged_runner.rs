@@ -46,7 +46,7 @@ use model::{KvCache, Model, ModelError};
 
 use crate::engine::{KvGeometry, StepBatch, StepLogits, StepModel};
 use crate::error::{Result, SampleError};
-use crate::model_runner::context_len;
+use crate::model_runner::pool_and_context;
 
 /// The environment variable naming the per-step trace file.
 pub const STEP_TRACE_ENV: &str = "PREFER_STEP_TRACE";
@@ -102,17 +102,7 @@ impl PagedRunner {
         num_blocks: usize,
         max_model_len: Option<usize>,
     ) -> Result<Self> {
-        if block_size == 0 || num_blocks == 0 {
-            return Err(SampleError::EngineConfig {
-                name: if block_size == 0 {
-                    "block_size"
-                } else {
-                    "num_blocks"
-                },
-                msg: "must be at least 1".into(),
-            });
-        }
-        let max_model_len = context_len(&model, max_model_len)?;
+        let max_model_len = pool_and_context(&model, block_size, num_blocks, max_model_len)?;
         let device = model.device();
         let c = model.config();
         let (hkv, d) = (c.num_kv_heads, c.head_dim);
