@@ -199,7 +199,8 @@ pub fn attention(
     })
 }
 
-fn check_params(op: &'static str, p: &AttentionParams) -> Result<()> {
+/// The parameter rules, shared with the CUDA launcher.
+pub(crate) fn check_params(op: &'static str, p: &AttentionParams) -> Result<()> {
     let arg = |msg: String| Err(EngineError::Arg { op, msg });
     if !p.scale.is_finite() {
         return arg(format!("scale must be finite, got {}", p.scale));

@@ -163,8 +163,9 @@ pub fn logits(hidden: &Tensor, head: &Tensor, final_softcap: Option<f32>) -> Res
     Tensor::from_vec(out, &[b, v])
 }
 
-/// Shapes and soft-cap shared by both entry points: returns (rows, V, C).
-fn check_head(
+/// Shapes and soft-cap shared by both entry points and the CUDA launchers: returns
+/// (rows, V, C).
+pub(crate) fn check_head(
     op: &'static str,
     hidden: &Tensor,
     head: &Tensor,

@@ -28,3 +28,7 @@ pub use paged_attention::{
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::{Rope, RopeScaling, rope, rope_qkv_split};
 pub use top_k::{MAX_TOP_K, TopK, top_k_candidates};
+
+// Argument rules the CUDA launchers apply too, so both devices refuse the same inputs.
+pub(crate) use attention::check_params as check_attention_params;
+pub(crate) use logprobs::check_head as check_lm_head;

@@ -515,18 +515,7 @@ pub(crate) fn check_attention(
             limit: nb,
         });
     }
-    let arg = |msg: String| Err(EngineError::Arg { op, msg });
-    if !params.scale.is_finite() {
-        return arg(format!("scale must be finite, got {}", params.scale));
-    }
-    if params.window == Some(0) {
-        return arg("a sliding window of 0 lets a query see no key; use None or W ≥ 1".into());
-    }
-    if let Some(c) = params.softcap
-        && !(c.is_finite() && c > 0.0)
-    {
-        return arg(format!("soft-cap must be positive and finite, got {c}"));
-    }
+    super::attention::check_params(op, params)?;
     Ok(PagedDims { tq, h, hkv, d })
 }
 

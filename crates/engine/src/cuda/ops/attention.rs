@@ -11,7 +11,7 @@ use super::{bf16_ptr, empty, to_i32};
 use crate::cuda::device::{CudaBackend, params};
 use crate::cuda::kernels::Module;
 use crate::cuda::storage::DType;
-use crate::ops::{AttentionOut, AttentionParams, SeqLayout};
+use crate::ops::{AttentionOut, AttentionParams, SeqLayout, check_attention_params};
 use crate::{EngineError, Result, Tensor};
 
 /// Which attention kernel to run.
@@ -110,23 +110,6 @@ fn pick_instance(
     Some(if blocks >= 2 * sm_count { two } else { one })
 }
 
-/// The CPU op's parameter rules (crate::ops::attention).
-fn check_params(op: &'static str, p: &AttentionParams) -> Result<()> {
-    let arg = |msg: String| Err(EngineError::Arg { op, msg });
-    if !p.scale.is_finite() {
-        return arg(format!("scale must be finite, got {}", p.scale));
-    }
-    if p.window == Some(0) {
-        return arg("a sliding window of 0 lets a query see no key; use None or W ≥ 1".into());
-    }
-    if let Some(c) = p.softcap
-        && !(c.is_finite() && c > 0.0)
-    {
-        return arg(format!("soft-cap must be positive and finite, got {c}"));
-    }
-    Ok(())
-}
-
 /// q: [Tq, H, D], k, v: [Tkv, Hkv, D] → out [Tq, H, D] (bf16) and lse [H, Tq] (f32).
 pub(crate) fn attention(
     backend: &Arc<CudaBackend>,
@@ -155,7 +138,7 @@ pub(crate) fn attention(
             device: q.device().to_string(),
         });
     }
-    check_params(OP, params)?;
+    check_attention_params(OP, params)?;
     let (pq, pk, pv) = (
         bf16_ptr(OP, "q", q)?,
         bf16_ptr(OP, "k", k)?,

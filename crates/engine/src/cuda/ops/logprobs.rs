@@ -15,37 +15,11 @@ use crate::cuda::device::{CudaBackend, params};
 use crate::cuda::kernels::Module;
 use crate::cuda::ops::elementwise::softcap_f32;
 use crate::cuda::storage::{CudaStorage, DType};
-use crate::ops::{LogProbChunks, TokenStats};
+use crate::ops::{LogProbChunks, TokenStats, check_lm_head};
 use crate::{EngineError, Result, Tensor};
 
 /// Scratch budget for one chunk of f32 logits, in elements (256 MiB).
 const SCRATCH_ELEMS: usize = 64 << 20;
-
-fn check_head(
-    op: &'static str,
-    hidden: &Tensor,
-    head: &Tensor,
-    cap: Option<f32>,
-) -> Result<(usize, usize, usize)> {
-    let [t, c] = hidden.dims(op, "hidden: [T, C]")?;
-    let [v, ch] = head.dims(op, "head: [V, C]")?;
-    if ch != c || v == 0 {
-        return Err(EngineError::Shape {
-            op,
-            expected: format!("head: [V ≥ 1, {c}] (C from hidden)"),
-            got: head.shape().to_vec(),
-        });
-    }
-    if let Some(cap) = cap
-        && !(cap.is_finite() && cap > 0.0)
-    {
-        return Err(EngineError::Arg {
-            op,
-            msg: format!("final soft-cap must be positive and finite, got {cap}"),
-        });
-    }
-    Ok((t, v, c))
-}
 
 pub(crate) fn token_logprobs(
     backend: &Arc<CudaBackend>,
@@ -56,7 +30,7 @@ pub(crate) fn token_logprobs(
     chunks: LogProbChunks,
 ) -> Result<TokenStats> {
     const OP: &str = "token_logprobs";
-    let (t, v, c) = check_head(OP, hidden, head, final_softcap)?;
+    let (t, v, c) = check_lm_head(OP, hidden, head, final_softcap)?;
     if targets.len() != t {
         return Err(EngineError::Arg {
             op: OP,
@@ -212,7 +186,7 @@ pub(crate) fn logits(
     final_softcap: Option<f32>,
 ) -> Result<Tensor> {
     const OP: &str = "logits";
-    let (b, v, c) = check_head(OP, hidden, head, final_softcap)?;
+    let (b, v, c) = check_lm_head(OP, hidden, head, final_softcap)?;
     let (ph, pw) = (bf16_ptr(OP, "hidden", hidden)?, bf16_ptr(OP, "head", head)?);
     let out = empty(backend, &[b, v], DType::F32)?;
     if b == 0 || v == 0 {
