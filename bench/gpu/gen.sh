@@ -25,10 +25,16 @@
 # failure is recorded and the rest still run.
 # PREFER_GEN_FLAGS adds flags to every prefer run (e.g. "--max-num-seqs 512");
 # PREFER_PAGED_KV=gather switches the layers to the gathered-copy attention path.
+# The uniform runs are repeated with PREFER_CUDA_GRAPHS=0 (decode steps launched kernel by
+# kernel instead of as CUDA graphs), named *-eager-uniform.
 set -uo pipefail
 
 START=$(date +%s)
 BUDGET=${PREFER_GEN_BUDGET_S:-300}
+RESERVE_S=10
+TAIL_LINES=15
+# shellcheck source=bench/gpu/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" || exit 1
 OUT=${OUT:-/tmp/prefer-gen-out}
 W=${PREFER_GEN_WORK:-/tmp/prefer-gen}
 mkdir -p "$OUT" "$W/logs" "$W/models" "$W/data"
@@ -42,45 +48,6 @@ export PREFER_CACHE_DIR=/tmp/prefer-kernels
 echo "+ source $G/env.sh"
 # shellcheck disable=SC1091
 source "$G/env.sh" || echo "== no $G/env.sh: libraries must be on the default paths"
-
-elapsed() { echo $(($(date +%s) - START)); }
-remaining() { echo $((BUDGET - $(elapsed))); }
-
-# step NAME LIMIT_S CMD...: CMD under a timeout (capped by the time left), output in
-# $W/logs/NAME.log (tail echoed), status in $W/steps.jsonl. Returns CMD's status.
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local left
-    left=$(remaining)
-    if ((left < 10)); then
-        echo "== SKIP $name: ${left}s of the budget left"
-        echo "{\"step\": \"$name\", \"status\": \"skipped\"}" >>"$W/steps.jsonl"
-        return 99
-    fi
-    ((limit > left)) && limit=$left
-    echo "== STEP $name at +$(elapsed)s (limit ${limit}s)"
-    echo "+ $*"
-    local t0 t1 rc
-    t0=$(date +%s.%N)
-    timeout -k 5 "$limit" "$@" >"$W/logs/$name.log" 2>&1
-    rc=$?
-    t1=$(date +%s.%N)
-    tail -n 15 "$W/logs/$name.log"
-    local secs
-    secs=$(awk "BEGIN {print $t1 - $t0}")
-    echo "== END $name rc=$rc (${secs}s)$( ((rc == 124 || rc == 137)) && echo ' TIMED OUT')"
-    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $secs}" >>"$W/steps.jsonl"
-    return $rc
-}
-
-wait_for() {
-    while [ ! -e "$1" ] && (($(remaining) > 10)) && kill -0 "$MK_PID" 2>/dev/null; do
-        sleep 1
-    done
-    [ -e "$1" ] || echo "== MISSING $1 (see logs/make-models.log)"
-    [ -e "$1" ]
-}
 
 echo "== prefer generation benchmark: $(date -u +%FT%TZ), budget ${BUDGET}s, OUT=$OUT, work=$W"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || true
@@ -137,7 +104,7 @@ fi
 # prefer_run NAME SHAPE DATA: one `prefer sample` on the GPU with its step trace.
 prefer_run() {
     local name=$1 shape=$2 data=$3 limit=$4
-    wait_for "$W/models/$shape/.done" || return 1
+    wait_for "$W/models/$shape/.done" "$MK_PID" || return 1
     rm -f "$W/out-$name.jsonl"
     export PREFER_STEP_TRACE=$W/trace-$name.tsv
     # shellcheck disable=SC2086
@@ -153,7 +120,7 @@ prefer_run() {
 # hf_run NAME SHAPE DATA BATCH MAX_BATCHES
 hf_run() {
     local name=$1 shape=$2 data=$3 batch=$4 maxb=$5 limit=$6
-    wait_for "$W/models/$shape/.done" || return 1
+    wait_for "$W/models/$shape/.done" "$MK_PID" || return 1
     step "hf-$name" "$limit" python3 bench/gen_hf.py "$W/models/$shape" \
         --prompts "$W/data/$data.jsonl" --batch "$batch" --max-batches "$maxb" \
         --json-out "$W/hf-$name.json"
@@ -165,6 +132,11 @@ for s in llama1b qwen05; do
     case " $SHAPES " in *" $s "*) ;; *) continue ;; esac
     prefer_run "$s-uniform" "$s" uniform 60
     hf_run "$s-uniform" "$s" uniform 256 0 60
+done
+# The same uniform runs with CUDA graphs off: what the graphs save.
+for s in llama1b qwen05; do
+    case " $SHAPES " in *" $s "*) ;; *) continue ;; esac
+    PREFER_CUDA_GRAPHS=0 prefer_run "$s-eager-uniform" "$s" uniform 60
 done
 for s in llama1b qwen05; do
     case " $SHAPES " in *" $s "*) ;; *) continue ;; esac
@@ -284,7 +256,8 @@ def trace_stats(name, shape):
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
 
 runs = {}
-for name, shape in [("llama1b-uniform", "llama1b"), ("llama1b-mixed", "llama1b"),
+for name, shape in [("llama1b-uniform", "llama1b"), ("llama1b-eager-uniform", "llama1b"),
+                    ("qwen05-eager-uniform", "qwen05"), ("llama1b-mixed", "llama1b"),
                     ("qwen05-uniform", "qwen05"), ("qwen05-mixed", "qwen05"), ("gemma9b", "gemma9b")]:
     r = {"shape": shape, "prefer": prefer_result(name), "trace": trace_stats(name, shape),
          "lengths": check_lengths(name), "hf": read_json(f"{W}/hf-{name}.json")}

@@ -17,6 +17,10 @@ set -uo pipefail
 
 START=$(date +%s)
 BUDGET=${PREFER_BENCH_BUDGET_S:-480}
+RESERVE_S=15
+TAIL_LINES=30
+# shellcheck source=bench/gpu/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh" || exit 1
 OUT=${OUT:-/tmp/prefer-bench-out}
 W=${PREFER_BENCH_WORK:-/tmp/prefer-bench}
 mkdir -p "$OUT" "$W/logs" "$W/models"
@@ -32,46 +36,6 @@ export PREFER_CACHE_DIR=/tmp/prefer-kernels
 echo "+ source $G/env.sh"
 # shellcheck disable=SC1091
 source "$G/env.sh"
-
-elapsed() { echo $(($(date +%s) - START)); }
-remaining() { echo $((BUDGET - $(elapsed))); }
-
-# step NAME LIMIT_S CMD...: runs CMD under a timeout (capped by the time left), its output in
-# $W/logs/NAME.log (tail echoed here), its status in $W/steps.jsonl. Returns CMD's status.
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local left
-    left=$(remaining)
-    if ((left < 15)); then
-        echo "== SKIP $name: ${left}s of the budget left"
-        echo "{\"step\": \"$name\", \"status\": \"skipped\"}" >>"$W/steps.jsonl"
-        return 99
-    fi
-    ((limit > left)) && limit=$left
-    echo "== STEP $name at +$(elapsed)s (limit ${limit}s)"
-    echo "+ $*"
-    local t0 t1 rc
-    t0=$(date +%s.%N)
-    timeout -k 5 "$limit" "$@" >"$W/logs/$name.log" 2>&1
-    rc=$?
-    t1=$(date +%s.%N)
-    tail -n 30 "$W/logs/$name.log"
-    local secs
-    secs=$(awk "BEGIN {print $t1 - $t0}")
-    echo "== END $name rc=$rc (${secs}s)$( ((rc == 124 || rc == 137)) && echo ' TIMED OUT')"
-    echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $secs}" >>"$W/steps.jsonl"
-    return $rc
-}
-
-# wait_for FILE: waits (within the budget) for a background model to be written.
-wait_for() {
-    while [ ! -e "$1" ] && (($(remaining) > 15)) && kill -0 "$GEN_PID" 2>/dev/null; do
-        sleep 1
-    done
-    [ -e "$1" ] || echo "== MISSING $1 (see logs/make-models.log)"
-    [ -e "$1" ]
-}
 
 echo "== prefer GPU run: $(date -u +%FT%TZ), budget ${BUDGET}s, OUT=$OUT, work=$W"
 echo "+ nvidia-smi"
@@ -111,7 +75,7 @@ step cli-parity 60 python3 "$S/check_score_cli.py" "$PREFER" --fixtures fixtures
 declare -A VOCAB=([qwen05]=151936 [llama1b]=128256 [gemma2b]=256000 [gemma9b]=256000)
 for s in qwen05 llama1b gemma2b; do
     [[ " $SHAPES " == *" $s "* ]] || continue
-    wait_for "$W/models/$s.done" || continue
+    wait_for "$W/models/$s.done" "$GEN_PID" || continue
     rows=$W/rows-$s.jsonl
     step "rows-$s" 60 python3 "$S/make_rows.py" --vocab "${VOCAB[$s]}" --rows 64 --seq 1024 \
         --prompt 1 "$rows" || continue
@@ -124,7 +88,7 @@ for s in qwen05 llama1b gemma2b; do
 done
 
 # 3. gemma9b shape, 32 rows × 4096 tokens: does it fit, and how fast.
-if [[ " $SHAPES " == *" gemma9b "* ]] && wait_for "$W/models/gemma9b.done"; then
+if [[ " $SHAPES " == *" gemma9b "* ]] && wait_for "$W/models/gemma9b.done" "$GEN_PID"; then
     rows=$W/rows-gemma9b.jsonl
     step rows-gemma9b 60 python3 "$S/make_rows.py" --vocab 256000 --rows 32 --seq 4096 \
         --prompt 1 "$rows" &&

@@ -580,7 +580,7 @@ fn bad_input_is_a_clear_error_and_loses_nothing() {
         &["rows.jsonl:2", "rows.jsonl:1", "unique"],
     );
 
-    // Bad settings, CUDA without a GPU, parquet output.
+    // Bad settings, CUDA without a GPU, an unknown output format.
     std::fs::write(&jsonl, "{\"prompt\": \"ok\"}\n").unwrap();
     check(jsonl.to_str().unwrap(), &["--top-p", "0"], &["top_p"]);
     check(
@@ -597,13 +597,16 @@ fn bad_input_is_a_clear_error_and_loses_nothing() {
             &["cuda", "--device cpu"],
         );
     }
-    let parquet = dir.join("s.parquet");
-    let stderr = prefer_sample(&model, &jsonl, &parquet, &[]).failed().stderr;
+    // An output that is neither .jsonl nor .parquet (tests/sample_parquet.rs has parquet).
+    let text_out = dir.join("s.txt");
+    let stderr = prefer_sample(&model, &jsonl, &text_out, &[])
+        .failed()
+        .stderr;
     assert!(
-        stderr.contains("s.parquet") && stderr.contains("parquet output is not available"),
+        stderr.contains("--out") && stderr.contains("s.txt: expected a .jsonl file"),
         "{stderr}"
     );
-    assert!(!parquet.exists());
+    assert!(!text_out.exists());
 
     // An output file that is not ours is refused and left alone.
     let foreign = dir.join("foreign.jsonl");

@@ -5,60 +5,16 @@
 //! Build here: `cargo build --release -p engine --example cuda_bench`; run on the GPU
 //! machine: `target/release/examples/cuda_bench [--quick]`.
 
+mod common;
+
+use common::{Result, Rng, random, time};
 use engine::cuda::{AttentionKernel, CudaBackend, attention_with};
 use engine::ops::{self, AttentionParams, LogProbChunks, SeqLayout};
-use engine::{Device, EngineError, Tensor};
 
 /// H200 bf16 dense GEMM, measured here with cuBLASLt (GUIDE §4).
 const PEAK_TFLOPS: f64 = 790.0;
 /// Tokens per call, as in scoring 8 rows × 1024 tokens.
 const TOKENS: usize = 8192;
-
-type Result<T> = std::result::Result<T, EngineError>;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-/// A GPU tensor of random bf16 values uniform in [-a, a).
-fn random(rng: &mut Rng, shape: &[usize], a: f32) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let bits: Vec<u16> = (0..n)
-        .map(|_| {
-            let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
-            half::bf16::from_f32((2.0 * u - 1.0) * a).to_bits()
-        })
-        .collect();
-    Tensor::from_bf16_bits(&bits, shape, Device::Cuda(0))
-}
-
-/// Mean GPU milliseconds of `f` over `iters` runs after `warmup` untimed ones.
-fn time(
-    backend: &CudaBackend,
-    warmup: usize,
-    iters: usize,
-    mut f: impl FnMut() -> Result<()>,
-) -> Result<f64> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    backend.synchronize()?;
-    let ms = backend.time_ms(|| {
-        for _ in 0..iters {
-            f()?;
-        }
-        Ok::<(), EngineError>(())
-    })?;
-    Ok(ms as f64 / iters as f64)
-}
 
 fn report(what: &str, ms: f64, flops: f64) {
     let tflops = flops / (ms * 1e-3) / 1e12;

@@ -16,13 +16,13 @@
 //    D/8, each lane owning 8 dims (one 16-byte load per key); the scores of the chunk go to
 //    shared memory, a plain softmax over them, then P·V. A sequence longer than one chunk is
 //    split over several blocks (flash-decoding); paged_combine merges their partial results.
-//  - paged_prefill_d{64,128,256}: the tensor-core kernel of attention.cu (same tiling, same
-//    GQA row packing), with K/V tiles gathered through the block table. It takes the
-//    sequences with more rows than the decode kernel's R.
+//  - paged_prefill_d{64,128,256}: the tensor-core loop of attention.cu (attention_tile.cuh:
+//    same tiling, same GQA row packing), with K/V tiles gathered through the block table. It
+//    takes the sequences with more rows than the decode kernel's R.
 //  - paged_simple: one warp per (query, head), scalar f32, any head dim ≤ 256: the fallback
 //    and an independent cross-check in tests.
 // paged_kv_write: copies new keys and values [T, Hkv, D] into their slots (slot −1: skipped).
-#include "common.cuh"
+#include "attention_tile.cuh"
 
 // Must match `PagedArgs` in src/cuda/ops/paged_attention.rs field for field (#[repr(C)]).
 struct PagedArgs {
@@ -61,59 +61,6 @@ __device__ __forceinline__ i64 pool_slot(const int *table, int key, int block_si
         return ((i64)table[key >> shift] << shift) + (key & (block_size - 1));
     }
     return (i64)table[key / block_size] * block_size + key % block_size;
-}
-
-__device__ __forceinline__ u32 smem_u32(const void *p) {
-    u32 r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ void cp_async16(u32 dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-
-// c += a · b for one m16n8k16 tile: a 16×16 (row), b 16×8 (col), c 16×8 f32.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two f32 → bf16x2 with round-to-nearest-even in one instruction (lo in the low half).
-__device__ __forceinline__ u32 cvt_bf16x2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -394,290 +341,39 @@ extern "C" __global__ void __launch_bounds__(DECODE_WARPS * 32) paged_combine(Pa
 }
 
 // ---------------------------------------------------------------------------------------
-// Prefill (and chunked prefill): attention.cu's tensor-core kernel, reading K/V tiles through
-// the block table. A block of 4 warps owns 64 GQA-packed rows of one (sequence, kv head).
-template <int D, int BN, int MT, bool Q_IN_REGS>
-__device__ __forceinline__ void paged_prefill(const PagedArgs &a) {
-    constexpr int WR = 16 * MT;        // rows per warp: MT m-tiles of 16
-    constexpr int BM = 4 * WR;         // rows per block: 4 warps
-    constexpr int NT = 128;            // threads
-    constexpr int STRIDE = D + 8;      // smem row stride (elements): +16 bytes
-    constexpr int CHUNKS = D / 8;      // 16-byte chunks per row
-    extern __shared__ __align__(16) u8 smem[];
-    bf16 *sQ = reinterpret_cast<bf16 *>(smem);  // [BM][STRIDE]
-    bf16 *sK = sQ + BM * STRIDE;                // [2][BN][STRIDE]
-    bf16 *sV = sK + 2 * BN * STRIDE;            // [2][BN][STRIDE]
+// Prefill (and chunked prefill): attention.cu's tensor-core loop (attention_tile.cuh), reading
+// K/V tiles through the block table. A block of 4 warps owns 64 GQA-packed rows of one
+// (sequence, kv head).
 
-    const int b = blockIdx.z;
-    const int hk = blockIdx.y;
-    const int group = a.heads / a.kv_heads;
-    const int q0 = a.q_starts[b];
-    const int q_len = a.q_starts[b + 1] - q0;
-    const int kv_len = a.kv_lens[b];
-    const int rows = q_len * group;
-    if (rows <= a.decode_max_rows) return;  // the decode kernel's sequence
-    const int r0 = (gridDim.x - 1 - blockIdx.x) * BM;  // heaviest tiles first
-    if (r0 >= rows) return;
-    const int past = kv_len - q_len;  // query i sits at position past + i
-    const int i_first = r0 / group;
-    const int i_last = (min(r0 + BM, rows) - 1) / group;
-    const int key_hi = past + i_last;  // inclusive
-    const int key_lo = a.window > 0 ? max(0, past + i_first - a.window + 1) : 0;
-    const int tile_lo = key_lo / BN;
-    const int tile_hi = key_hi / BN;
+// K/V rows in the pools [num_blocks, block_size, Hkv, D], found through sequence b's block
+// table; sequences of at most R (decode_max_rows) GQA-packed rows are the decode kernel's.
+template <int D>
+struct PagedKv {
+    const PagedArgs &a;
+    const int *table;  // [max_blocks]
+    int hk;
+    i64 row_stride;  // Hkv · D
 
-    const int tid = threadIdx.x;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane >> 2;  // fragment row (and row + 8)
-    const int t4 = lane & 3;  // fragment column pair
-
-    const i64 q_row_stride = (i64)a.heads * D;
-    const i64 kv_row_stride = (i64)a.kv_heads * D;
-    const int *table = a.block_tables + (i64)b * a.max_blocks;
-
-    // Q tile → smem (zero rows past the sequence).
-    for (int c = tid; c < BM * CHUNKS; c += NT) {
-        const int r = c / CHUNKS;
-        const int col = (c % CHUNKS) * 8;
-        const int R = r0 + r;
-        const bool ok = R < rows;
-        const bf16 *src = ok ? a.q + (i64)(q0 + R / group) * q_row_stride +
-                                   (i64)(hk * group + R % group) * D + col
-                             : a.q;
-        cp_async16(smem_u32(sQ + r * STRIDE + col), src, ok);
+    __device__ __forceinline__ static int kv_len(const PagedArgs &a, int b) { return a.kv_lens[b]; }
+    __device__ __forceinline__ static bool other_kernel(const PagedArgs &a, int rows) {
+        return rows <= a.decode_max_rows;
     }
-    auto load_kv = [&](int tile, int buf) {
-        const int kb = tile * BN;
-        for (int c = tid; c < BN * CHUNKS; c += NT) {
-            const int r = c / CHUNKS;
-            const int col = (c % CHUNKS) * 8;
-            const int key = kb + r;
-            const bool ok = key < kv_len;
-            // Past the sequence nothing is read (zero fill): the table is not consulted.
-            const i64 off =
-                ok ? pool_slot(table, key, a.block_size) * kv_row_stride + (i64)hk * D + col : 0;
-            cp_async16(smem_u32(sK + (buf * BN + r) * STRIDE + col), a.k_pool + off, ok);
-            cp_async16(smem_u32(sV + (buf * BN + r) * STRIDE + col), a.v_pool + off, ok);
-        }
-    };
-    load_kv(tile_lo, 0);
-    cp_async_commit();
+    __device__ __forceinline__ PagedKv(const PagedArgs &a, int b, int hk, i64 row_stride)
+        : a(a), table(a.block_tables + (i64)b * a.max_blocks), hk(hk), row_stride(row_stride) {}
 
-    // Per-lane ldmatrix offsets (elements) inside a 16×16 operand tile.
-    const int mat = lane >> 3;
-    const int a_off = ((lane & 7) + (mat & 1) * 8) * STRIDE + (mat >> 1) * 8;  // Q (A operand)
-    const int k_off = ((lane & 7) + (mat >> 1) * 8) * STRIDE + (mat & 1) * 8;  // K (B, no trans)
-    const int v_off = ((lane & 7) + (mat & 1) * 8) * STRIDE + (mat >> 1) * 8;  // V (B, trans)
-    const u32 sQ_base = smem_u32(sQ + warp * WR * STRIDE + a_off);
-    const u32 sK_base = smem_u32(sK + k_off);
-    const u32 sV_base = smem_u32(sV + v_off);
-
-    // My rows: for m-tile mt, warp·WR + mt·16 + g (index 2·mt) and + 8 (index 2·mt + 1).
-    int pos[2 * MT];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        const int R = r0 + warp * WR + mt * 16 + g;
-        pos[2 * mt] = past + R / group;
-        pos[2 * mt + 1] = past + (R + 8) / group;
+    // Past the sequence nothing is read (zero fill): the table is not consulted.
+    __device__ __forceinline__ i64 offset(int key, int col, bool ok) const {
+        return ok ? pool_slot(table, key, a.block_size) * row_stride + (i64)hk * D + col : 0;
     }
-    // The warp's own key range: tiles wholly outside it are all masked for its rows.
-    const int w_first = r0 + warp * WR;
-    const bool w_valid = w_first < rows;
-    const int w_key_hi = past + (min(w_first + WR, rows) - 1) / group;
-    const int w_key_lo = a.window > 0 ? past + w_first / group - a.window + 1 : 0;
-
-    const bool capped = a.softcap > 0.0f;
-    const float scale_log2 = a.scale * LOG2E;
-
-    float o[MT][D / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
-    float m[2 * MT], l[2 * MT];  // running max (log2 units), this thread's share of the sum
-#pragma unroll
-    for (int r = 0; r < 2 * MT; ++r) {
-        m[r] = NEG_INF;
-        l[r] = 0.0f;
-    }
-    u32 qf[Q_IN_REGS ? MT : 1][Q_IN_REGS ? D / 16 : 1][4];
-
-    for (int tile = tile_lo; tile <= tile_hi; ++tile) {
-        const int buf = (tile - tile_lo) & 1;
-        if (tile < tile_hi) {
-            load_kv(tile + 1, buf ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        if constexpr (Q_IN_REGS) {
-            if (tile == tile_lo) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int ks = 0; ks < D / 16; ++ks)
-                        ldsm_x4(qf[mt][ks], sQ_base + (mt * 16 * STRIDE + ks * 16) * 2);
-            }
-        }
-        const int kb = tile * BN;
-        if (w_valid && kb <= w_key_hi && kb + BN - 1 >= w_key_lo) {
-            // S = Q · Kᵀ for this warp's WR rows × BN keys; each K fragment feeds MT m-tiles.
-            float s[MT][BN / 8][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
-            const u32 kbuf = sK_base + buf * BN * STRIDE * 2;
-#pragma unroll
-            for (int ks = 0; ks < D / 16; ++ks) {
-                u32 qa[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if constexpr (Q_IN_REGS) {
-                        qa[mt][0] = qf[mt][ks][0];
-                        qa[mt][1] = qf[mt][ks][1];
-                        qa[mt][2] = qf[mt][ks][2];
-                        qa[mt][3] = qf[mt][ks][3];
-                    } else {
-                        ldsm_x4(qa[mt], sQ_base + (mt * 16 * STRIDE + ks * 16) * 2);
-                    }
-                }
-#pragma unroll
-                for (int np = 0; np < BN / 16; ++np) {
-                    u32 kf[4];
-                    ldsm_x4(kf, kbuf + (np * 16 * STRIDE + ks * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_bf16(s[mt][2 * np], qa[mt], kf[0], kf[1]);
-                        mma_bf16(s[mt][2 * np + 1], qa[mt], kf[2], kf[3]);
-                    }
-                }
-            }
-
-            // Scale (+ soft-cap) into log2 units; mask where the tile crosses an edge.
-            const bool need_mask = kb + BN - 1 > past + i_first ||
-                                   (a.window > 0 && past + i_last - kb >= a.window);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        float x = s[mt][nt][e];
-                        x = capped ? softcap(x * a.scale, a.softcap) * LOG2E : x * scale_log2;
-                        if (need_mask) {
-                            const int key = kb + nt * 8 + 2 * t4 + (e & 1);
-                            const int p = pos[2 * mt + (e >> 1)];
-                            if (key > p || (a.window > 0 && p - key >= a.window)) x = NEG_INF;
-                        }
-                        s[mt][nt][e] = x;
-                    }
-
-            // Online softmax update, row by row (r = 2·mt + half).
-            u32 p[MT][BN / 16][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int r = 2 * mt + half;
-                    float mx = NEG_INF;
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; ++nt)
-                        mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    const float mn = fmaxf(m[r], mx);
-                    // A row with no visible key yet keeps max −inf; subtract 0 then so exp2
-                    // gives 0, not NaN.
-                    const float mu = mn == NEG_INF ? 0.0f : mn;
-                    const float corr = fast_exp2(m[r] - mu);
-                    m[r] = mn;
-                    l[r] *= corr;
-#pragma unroll
-                    for (int i = 0; i < D / 8; ++i) {
-                        o[mt][i][2 * half] *= corr;
-                        o[mt][i][2 * half + 1] *= corr;
-                    }
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; ++nt) {
-                        const float p0 = fast_exp2(s[mt][nt][2 * half] - mu);
-                        const float p1 = fast_exp2(s[mt][nt][2 * half + 1] - mu);
-                        l[r] += p0 + p1;
-                        // The S accumulator layout of n-tiles 2kk, 2kk+1 is the A layout of
-                        // k-step kk: registers (row g: n-tile 2kk, row g+8: 2kk, row g:
-                        // 2kk+1, row g+8: 2kk+1).
-                        p[mt][nt / 2][(nt & 1) * 2 + half] = cvt_bf16x2(p0, p1);
-                    }
-                }
-            }
-
-            // O += P · V; each V fragment feeds MT m-tiles.
-            const u32 vbuf = sV_base + buf * BN * STRIDE * 2;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-#pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    u32 vf[4];
-                    ldsm_x4_trans(vf, vbuf + (kk * 16 * STRIDE + dp * 16) * 2);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_bf16(o[mt][2 * dp], p[mt][kk], vf[0], vf[1]);
-                        mma_bf16(o[mt][2 * dp + 1], p[mt][kk], vf[2], vf[3]);
-                    }
-                }
-            }
-        }
-        __syncthreads();  // everyone is done with `buf` before the next prefetch overwrites it
-    }
-
-    // Finish: full row sums, normalise, stage the warp's rows in its own sQ rows, then store
-    // 16-byte chunks.
-    bf16 *stage = sQ + warp * WR * STRIDE;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int r = 2 * mt + half;
-            float sum = l[r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-            const int row = mt * 16 + half * 8 + g;  // within the warp
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                *reinterpret_cast<u32 *>(stage + row * STRIDE + dt * 8 + 2 * t4) =
-                    cvt_bf16x2(o[mt][dt][2 * half] * inv, o[mt][dt][2 * half + 1] * inv);
-            }
-            const int R = w_first + row;
-            if (t4 == 0 && R < rows) {
-                const int h = hk * group + R % group;
-                a.lse[(i64)h * a.tq + q0 + R / group] =
-                    sum > 0.0f ? (m[r] + __log2f(sum)) * LN2 : NEG_INF;
-            }
-        }
-    }
-    __syncwarp();
-    for (int c = lane; c < WR * CHUNKS; c += 32) {
-        const int r = c / CHUNKS;
-        const int col = (c % CHUNKS) * 8;
-        const int R = w_first + r;
-        if (R < rows) {
-            bf16 *dst = a.out + (i64)(q0 + R / group) * q_row_stride +
-                        (i64)(hk * group + R % group) * D + col;
-            *reinterpret_cast<bf16x8 *>(dst) =
-                *reinterpret_cast<const bf16x8 *>(stage + r * STRIDE + col);
-        }
-    }
-}
+    __device__ __forceinline__ const bf16 *k_src(i64 off, bool) const { return a.k_pool + off; }
+    __device__ __forceinline__ const bf16 *v_src(i64 off, bool) const { return a.v_pool + off; }
+};
 
 // Instances: paged_prefill_d<D> with BN keys per tile, one m-tile per warp (as attention.cu's
 // _m1 instances of these head dims; Q fragments in registers where they fit).
 #define PREFILL_INSTANCE(D, BN, QREG)                                                      \
     extern "C" __global__ void __launch_bounds__(128) paged_prefill_d##D(PagedArgs a) {   \
-        paged_prefill<D, BN, 1, QREG>(a);                                                 \
+        attention_tiles<D, BN, 1, QREG, PagedKv<D>>(a);                                   \
     }
 
 PREFILL_INSTANCE(64, 64, true)

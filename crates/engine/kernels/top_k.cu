@@ -10,6 +10,9 @@
 //
 // NaN orders as −inf (so every round finds an element while picks remain), but any NaN makes
 // the row's lse NaN: the caller can tell the row is bad and read it whole.
+//
+// At the end of the file, logits_at_least_f32: a listed row's tokens at or above a threshold,
+// for rows whose candidates tie at the top-k cut.
 #include "common.cuh"
 
 #define NO_ID 0xffffffffu
@@ -136,4 +139,58 @@ extern "C" __global__ void top_k_candidates_f32(const float *logits, float *valu
         prev_val = pick_val;
         prev_id = pick_id;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// logits_at_least_f32: for a few listed rows, every token whose logit is ≥ the row's
+// threshold, in id order, with its logit — the tokens a top-k cut with ties may keep, when
+// the candidates above could not prove the cut.
+//
+// One block per listed row. The row is read in tiles of blockDim consecutive ids (coalesced);
+// each tile is compacted in id order: a warp ballot gives each hit its place in its warp, the
+// warps' counts (in shared memory) its warp's place in the tile, and the running total the
+// tile's place in the row. Every thread keeps the same total, so the early stop once the row
+// has more than `slots` hits is block-uniform. NaN never compares ≥, so it never qualifies.
+//
+// logits: [B, v] f32; args: [2n] words — the rows [n], then the thresholds' f32 bits [n];
+// counts: [n] (the row's hits, or the count that passed `slots` when the row stopped early);
+// ids, values: [n, slots]. Grid (n), block a multiple of 32, ≤ 1024.
+extern "C" __global__ void logits_at_least_f32(const float *logits, const u32 *args, u32 *counts,
+                                               u32 *ids, float *values, i64 v, int n,
+                                               u32 slots) {
+    __shared__ u32 warp_hits[32];
+    const int j = blockIdx.x;
+    const float *row = logits + (i64)args[j] * v;
+    const float t = __uint_as_float(args[n + j]);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    u32 *row_ids = ids + (i64)j * slots;
+    float *row_values = values + (i64)j * slots;
+
+    u32 total = 0;  // hits in the tiles before this one; the same in every thread
+    for (i64 base = 0; base < v; base += blockDim.x) {
+        const i64 i = base + threadIdx.x;
+        const float x = i < v ? row[i] : NEG_INF;
+        const bool hit = i < v && x >= t;
+        const u32 ballot = __ballot_sync(0xffffffffu, hit);
+        if (lane == 0) warp_hits[warp] = __popc(ballot);
+        __syncthreads();
+        u32 before = total + __popc(ballot & ((1u << lane) - 1u));
+        u32 tile = 0;
+        for (int w = 0; w < nwarps; ++w) {
+            const u32 c = warp_hits[w];
+            tile += c;
+            if (w < warp) before += c;
+        }
+        if (hit && before < slots) {
+            row_ids[before] = (u32)i;
+            row_values[before] = x;
+        }
+        total += tile;
+        // Everyone has read warp_hits before the next tile rewrites it.
+        __syncthreads();
+        if (total > slots) break;
+    }
+    if (threadIdx.x == 0) counts[j] = total;
 }

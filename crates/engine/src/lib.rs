@@ -26,11 +26,15 @@
 
 pub mod cuda;
 pub mod error;
+mod indices;
 pub mod ops;
+mod staging;
 pub mod tensor;
 
 #[cfg(test)]
 mod test_util;
 
 pub use error::{EngineError, Result};
+pub use indices::Indices;
+pub use staging::{Staged, Staging};
 pub use tensor::{Device, Tensor};

@@ -291,6 +291,7 @@ fn rope_matches_cpu() {
         // The fused QKV split: q, k rotated, v copied.
         let (h, hkv) = (heads, 1);
         let qkv = rand_tensor(&mut rng, &[t, (h + 2 * hkv) * d], -1.0, 1.0);
+        let positions = engine::Indices::from(&positions[..]);
         let (wq, wk, wv) = ops::rope_qkv_split(&qkv, h, hkv, &positions, &rope).unwrap();
         let (gq, gk, gv) = ops::rope_qkv_split(&gpu(&qkv), h, hkv, &positions, &rope).unwrap();
         assert_close("rope_qkv_split q", &gq, &wq, 1e-5, 1.05);

@@ -1,7 +1,8 @@
-//! `ops::top_k_candidates` on the GPU against the CPU reference (its own test binary,
+//! `ops::top_k_candidates` (queued and fetched, also from a replayed CUDA graph) and
+//! `ops::logits_at_least` on the GPU against the CPU reference (its own test binary,
 //! `engine-cuda_top_k` in bench/gpu's .gpu/bin).
 //!
-//! Ids and values must match exactly: the kernel only compares and copies logits, so any
+//! Ids and values must match exactly: the kernels only compare and copy logits, so any
 //! difference is a bug, ties included. The lse is an f32 sum of up to 10⁵ exps on the GPU
 //! against an f64 one on the CPU: within a few 1e-6 relative.
 //!
@@ -9,10 +10,11 @@
 //! GPU machine with `--include-ignored`.
 
 use engine::Tensor;
-use engine::ops::{self, MAX_TOP_K};
+use engine::cuda::{Arch, CudaBackend, KernelCache, Library, Module};
+use engine::ops::{self, MAX_TOP_K, TopK};
 
 mod common;
-use common::{GPU, Rng};
+use common::{GPU, Rng, gpu_lock, rand_tensor};
 
 fn check(what: &str, data: Vec<f32>, b: usize, v: usize, k: usize) {
     let cpu = Tensor::from_vec(data, &[b, v]).unwrap();
@@ -35,6 +37,7 @@ fn check(what: &str, data: Vec<f32>, b: usize, v: usize, k: usize) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn top_k_matches_the_cpu_reference() {
+    let _lock = gpu_lock();
     let mut rng = Rng(7);
     // (B, V, k): a vocabulary under one block, a non-multiple of 32, real vocabularies.
     let shapes = [
@@ -67,6 +70,7 @@ fn top_k_matches_the_cpu_reference() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn top_k_infinities_and_nan() {
+    let _lock = gpu_lock();
     let (b, v) = (4, 3000);
     let mut data = vec![0.25f32; b * v];
     data[5] = f32::NAN; // row 0: NaN → lse NaN, NaN orders as −inf
@@ -77,4 +81,230 @@ fn top_k_infinities_and_nan() {
         .enumerate()
         .for_each(|(i, x)| *x = if i % 3 == 0 { f32::NEG_INFINITY } else { -0.0 });
     check("infinities and NaN", data, b, v, 9);
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Ids, values and lse bit for bit: both results come from the same device kernel.
+fn assert_same_top_k(what: &str, got: &TopK, want: &TopK) {
+    assert_eq!(got.k, want.k, "{what}");
+    assert_eq!(got.ids, want.ids, "{what}: ids");
+    assert_eq!(bits(&got.values), bits(&want.values), "{what}: values");
+    assert_eq!(bits(&got.lse), bits(&want.lse), "{what}: lse");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn queued_top_k_fetches_in_any_order_and_again() {
+    let _lock = gpu_lock();
+    let mut rng = Rng(11);
+    let shapes = [(3, 1000, 6), (5, 32_000, 65), (1, 7, 7)];
+    let mut queued = Vec::new();
+    for (b, v, k) in shapes {
+        let data: Vec<f32> = (0..b * v)
+            .map(|_| rng.below(50) as f32 * 0.5 - 12.0)
+            .collect();
+        let cpu = Tensor::from_vec(data, &[b, v]).unwrap();
+        let want = ops::top_k_candidates(&cpu, k).unwrap();
+        let dev = cpu.to_device_f32(GPU).unwrap();
+        let pending = ops::top_k_candidates_queued(&dev, k).unwrap();
+        assert_eq!((pending.rows(), pending.k()), (b, k));
+        // The logits may go as soon as the kernel is queued (the arena is stream-ordered).
+        drop(dev);
+        queued.push((format!("B {b} V {v} k {k}"), pending, want));
+    }
+    // Fetched last-queued first, each twice.
+    for (what, pending, want) in queued.iter().rev() {
+        let got = pending.fetch().unwrap();
+        assert_eq!(got.ids, want.ids, "{what}: ids");
+        assert_eq!(bits(&got.values), bits(&want.values), "{what}: values");
+        assert_same_top_k(what, &pending.fetch().unwrap(), &got);
+    }
+}
+
+/// A graph that captured the LM head and the queued ranking: each replay rewrites the
+/// ranking's output buffer, and `fetch` after the replay reads the new result.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn queued_top_k_fetches_a_replayed_graphs_result() {
+    let _lock = gpu_lock();
+    let backend = CudaBackend::get(0).unwrap();
+    let mut rng = Rng(12);
+    let (b, c, v, k) = (4, 64, 5000, 9);
+    let mut hidden = rand_tensor(&mut rng, &[b, c], -1.0, 1.0)
+        .to_device(GPU)
+        .unwrap();
+    let head = rand_tensor(&mut rng, &[v, c], -1.0, 1.0)
+        .to_device(GPU)
+        .unwrap();
+    let delta = rand_tensor(&mut rng, &[b, c], -1.0, 1.0)
+        .to_device(GPU)
+        .unwrap();
+    let pool = backend.graph_pool();
+    let (graph, (logits, pending)) = backend
+        .capture(&pool, || -> engine::Result<_> {
+            // The soft-cap saturates many logits at exactly ±0.2: ties at the top.
+            let logits = ops::logits(&hidden, &head, Some(0.2))?;
+            let pending = ops::top_k_candidates_queued(&logits, k)?;
+            Ok((logits, pending))
+        })
+        .unwrap();
+    let mut previous: Option<TopK> = None;
+    for replay in 0..3 {
+        if replay > 0 {
+            // Queued before the replay, on the same stream: the graph reads the new hidden.
+            ops::add_inplace(&mut hidden, &delta).unwrap();
+        }
+        graph.launch().unwrap();
+        let got = pending.fetch().unwrap();
+        // The reference: the CPU op on the logits this replay wrote.
+        let host = Tensor::from_vec(logits.to_vec().unwrap(), &[b, v]).unwrap();
+        let want = ops::top_k_candidates(&host, k).unwrap();
+        let what = format!("replay {replay}");
+        assert_eq!(got.ids, want.ids, "{what}: ids");
+        assert_eq!(bits(&got.values), bits(&want.values), "{what}: values");
+        for (r, (&g, &w)) in got.lse.iter().zip(&want.lse).enumerate() {
+            let ok = (g as f64 - w as f64).abs() <= 5e-6 * (w as f64).abs().max(1.0);
+            assert!(ok, "{what}: lse row {r}: got {g}, want {w}");
+        }
+        if let Some(p) = &previous {
+            assert_ne!(
+                bits(&p.lse),
+                bits(&got.lse),
+                "{what}: the result did not change"
+            );
+        }
+        previous = Some(got);
+    }
+}
+
+fn check_at_least(what: &str, data: Vec<f32>, b: usize, v: usize, rows: &[usize], t: &[f32]) {
+    let cpu = Tensor::from_vec(data, &[b, v]).unwrap();
+    let dev = cpu.to_device_f32(GPU).unwrap();
+    for cap in [0, 1, 5, 64, 3000, v + 1] {
+        let want = ops::logits_at_least(&cpu, rows, t, cap).unwrap();
+        let got = ops::logits_at_least(&dev, rows, t, cap).unwrap();
+        assert_eq!(got.len(), want.len(), "{what} cap {cap}");
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            let split = |x: &Option<Vec<(u32, f32)>>| {
+                x.as_ref()
+                    .map(|r| r.iter().map(|&(i, y)| (i, y.to_bits())).collect::<Vec<_>>())
+            };
+            assert_eq!(
+                split(g),
+                split(w),
+                "{what} cap {cap}: entry {j} (row {})",
+                rows[j]
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn logits_at_least_matches_the_cpu_reference() {
+    let _lock = gpu_lock();
+    let mut rng = Rng(13);
+    // V under a warp, not a multiple of 32, just past one block of 1024, real vocabularies.
+    for (b, v) in [(3, 5), (4, 1000), (2, 1025), (5, 32_000), (3, 256_000)] {
+        for distinct in [3usize, 50, 1 << 20] {
+            let data: Vec<f32> = (0..b * v)
+                .map(|_| rng.below(distinct) as f32 / distinct as f32 * 60.0 - 30.0)
+                .collect();
+            // Every row, some twice, in a shuffled order; thresholds at values the row
+            // holds (ties), near its top, and at the ends.
+            let mut rows: Vec<usize> = (0..b).chain(0..b.min(2)).collect();
+            rows.reverse();
+            let t: Vec<f32> = rows
+                .iter()
+                .enumerate()
+                .map(|(j, &r)| match j % 4 {
+                    0 => data[r * v + rng.below(v)],
+                    1 => data[r * v..(r + 1) * v]
+                        .iter()
+                        .copied()
+                        .fold(f32::MIN, f32::max),
+                    2 => 29.0,
+                    _ => -30.0,
+                })
+                .collect();
+            check_at_least(
+                &format!("B {b} V {v} distinct {distinct}"),
+                data,
+                b,
+                v,
+                &rows,
+                &t,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn logits_at_least_infinities_nan_and_saturation() {
+    let _lock = gpu_lock();
+    let (b, v) = (4, 3001);
+    let mut data = vec![0.25f32; b * v];
+    // Row 0: NaNs never qualify, whatever the threshold.
+    data.iter_mut()
+        .take(v)
+        .step_by(7)
+        .for_each(|x| *x = f32::NAN);
+    // Row 1: all −inf but one +inf.
+    data[v..2 * v].fill(f32::NEG_INFINITY);
+    data[v + 1777] = f32::INFINITY;
+    // Row 2: −0.0 and 0.0 alternate (equal as f32).
+    for (i, x) in data[2 * v..3 * v].iter_mut().enumerate() {
+        *x = if i % 2 == 0 { -0.0 } else { 0.0 };
+    }
+    // Row 3: a soft-capped row, many logits saturated at exactly the cap.
+    for (i, x) in data[3 * v..].iter_mut().enumerate() {
+        *x = if i % 13 == 5 {
+            30.0
+        } else {
+            (i % 50) as f32 * 0.5
+        };
+    }
+    let rows = [0, 0, 1, 1, 1, 2, 2, 3, 3];
+    let t = [
+        0.25,
+        f32::NAN,
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        0.0,
+        0.0,
+        -0.0,
+        30.0,
+        24.5,
+    ];
+    check_at_least("infinities, NaN, signed zeros", data, b, v, &rows, &t);
+}
+
+/// The top_k module, both kernels in it, compiles through NVRTC for sm_90 (no GPU needed;
+/// runs wherever libnvrtc loads).
+#[test]
+fn top_k_kernels_compile_for_sm_90() {
+    if !Library::Nvrtc.is_present() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but libnvrtc cannot be loaded"
+        );
+        eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to run this test)");
+        return;
+    }
+    let arch = Arch::parse("sm_90").unwrap();
+    let (cubin, _, _) = KernelCache::disabled()
+        .load_or_compile(Module::TopK, arch, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for name in ["top_k_candidates_f32", "logits_at_least_f32"] {
+        // Symbol names sit NUL-separated in the CUBIN's ELF string table.
+        let needle = [b"\0", name.as_bytes(), b"\0"].concat();
+        assert!(
+            cubin.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "the CUBIN has no kernel named {name}"
+        );
+    }
 }

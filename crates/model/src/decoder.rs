@@ -21,7 +21,7 @@
 //! backward pass from the saved layer input alone.
 
 use engine::ops::{self, AttentionParams, Rope, SeqLayout};
-use engine::{Device, Tensor};
+use engine::{Device, Indices, Tensor};
 
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
@@ -116,7 +116,7 @@ pub(crate) struct DecoderLayer {
 pub(crate) struct LayerCtx<'a> {
     pub cfg: &'a ModelConfig,
     pub rope: &'a Rope,
-    pub positions: &'a [u32], // [Tq]
+    pub positions: &'a Indices, // [Tq]
     pub layout: &'a SeqLayout,
     pub prof: &'a Profiler,
 }

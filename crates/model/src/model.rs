@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use engine::cuda::CudaBackend;
 use engine::ops::{self, LogProbChunks, Rope, SeqLayout, TokenStats};
-use engine::{Device, EngineError, Tensor};
+use engine::{Device, EngineError, Indices, Tensor};
 
 use crate::config::ModelConfig;
 use crate::decoder::{DecoderLayer, LayerCtx};
@@ -129,13 +129,17 @@ impl Model {
 
     /// Token ids → scaled embeddings, [T, C]. Ids must be < V.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        self.embed_indexed(&ids.into())
+    }
+
+    fn embed_indexed(&self, ids: &Indices) -> Result<Tensor> {
         self.check_ids(ids)?;
         self.profiler.run(OpKind::Embedding, self.device(), || {
-            ops::embedding(&self.embed_tokens, ids, self.embed_scale)
+            ops::embedding_indices(&self.embed_tokens, ids, self.embed_scale)
         })
     }
 
-    fn ctx<'a>(&'a self, positions: &'a [u32], layout: &'a SeqLayout) -> LayerCtx<'a> {
+    fn ctx<'a>(&'a self, positions: &'a Indices, layout: &'a SeqLayout) -> LayerCtx<'a> {
         LayerCtx {
             cfg: &self.config,
             rope: &self.rope,
@@ -162,12 +166,14 @@ impl Model {
                 self.layers.len()
             ),
         })?;
-        l.forward(&self.ctx(positions, layout), x, cache)
+        let positions = Indices::from(positions);
+        l.forward(&self.ctx(&positions, layout), x, cache)
     }
 
     /// The final norm, [T, C] → [T, C].
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        self.ctx(&[], &SeqLayout::prefill(&[])).norm(x, &self.norm)
+        self.ctx(&Indices::default(), &SeqLayout::prefill(&[]))
+            .norm(x, &self.norm)
     }
 
     /// Prefill forward of whole packed sequences: ids, positions: [T] → final-normed hidden
@@ -175,7 +181,7 @@ impl Model {
     pub fn forward(&self, ids: &[u32], positions: &[u32], layout: &SeqLayout) -> Result<Tensor> {
         self.check_layout(ids, positions, layout, false)?;
         let _span = tracing::debug_span!("forward", tokens = ids.len()).entered();
-        self.run_layers(ids, positions, layout, None)
+        self.run_layers(&ids.into(), &positions.into(), layout, None)
     }
 
     /// Forward of new tokens against a KV cache (prefill, chunked prefill or decode): each
@@ -188,6 +194,19 @@ impl Model {
         layout: &SeqLayout,
         cache: &mut dyn KvCache,
     ) -> Result<Tensor> {
+        self.forward_cached_indexed(&ids.into(), &positions.into(), layout, cache)
+    }
+
+    /// [`Model::forward_cached`] with ids and positions whose device copies may be staged
+    /// already (`engine::Staging`): a step then makes no uploads of its own, which is what
+    /// lets a runner capture it into a CUDA graph.
+    pub fn forward_cached_indexed(
+        &self,
+        ids: &Indices,
+        positions: &Indices,
+        layout: &SeqLayout,
+        cache: &mut dyn KvCache,
+    ) -> Result<Tensor> {
         self.check_layout(ids, positions, layout, true)?;
         self.run_layers(ids, positions, layout, Some(cache))
     }
@@ -196,13 +215,13 @@ impl Model {
     /// follows it (the next layer's input norm, or the final norm).
     fn run_layers(
         &self,
-        ids: &[u32],
-        positions: &[u32],
+        ids: &Indices,
+        positions: &Indices,
         layout: &SeqLayout,
         mut cache: Option<&mut dyn KvCache>,
     ) -> Result<Tensor> {
         let ctx = self.ctx(positions, layout);
-        let mut x = self.embed(ids)?; // [T, C]
+        let mut x = self.embed_indexed(ids)?; // [T, C]
         let Some(first) = self.layers.first() else {
             return ctx.norm(&x, &self.norm);
         };

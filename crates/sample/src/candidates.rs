@@ -22,8 +22,19 @@
 //! row's top candidates and log-sum-exp on the device, and [`sample_from_candidates`] draws
 //! from those ([`CandidateRow`]) with the same code, so only [B, n] numbers cross to the host.
 //! There the raw log-prob is `value − lse`, the rank and the top log-probs come from the
-//! candidates (when they provably contain every token they count), and anything the
-//! candidates cannot decide goes back to the whole row (see `Engine::step`).
+//! candidates (when they provably contain every token they count).
+//!
+//! A row the candidates cannot decide — a tie at the top-k cut (top_k keeps every token tied
+//! with the k-th, and more may sit outside the candidates), or a greedy argmax tied with the
+//! runner-up (whose rank counts every tie) — is decided from a slice of it instead: every
+//! token whose raw logit is ≥ [`slice_threshold`], in id order (`engine::ops::
+//! logits_at_least`, on the device). That slice holds every token top_k can keep, so the
+//! processors run on it in id order exactly as on the whole row (every other token is dropped
+//! by top_k and adds exactly 0 to every sum), and every token the drawn token's rank counts.
+//! Only what the slice cannot decide either (NaN, ±inf, a slice over its cap) goes back to the
+//! whole row (see `Engine::step`).
+
+use engine::ops::TopK;
 
 use crate::error::{Result, SampleError};
 use crate::params::ValidParams;
@@ -129,6 +140,30 @@ pub(crate) struct CandidateRow<'a> {
     pub ids: &'a [u32],    // [n]
     /// ln Σ e^l over the whole raw row; NaN when the row holds a NaN.
     pub lse: f32,
+    /// The row's tokens at or above a threshold, when the candidates alone could not decide
+    /// it (see [`slice_threshold`]).
+    pub slice: Option<RowSlice<'a>>,
+}
+
+impl<'a> CandidateRow<'a> {
+    /// Row `b` of a step's candidates, without a slice.
+    pub(crate) fn of(top: &'a TopK, b: usize) -> Self {
+        let k = top.k;
+        CandidateRow {
+            values: &top.values[b * k..(b + 1) * k],
+            ids: &top.ids[b * k..(b + 1) * k],
+            lse: top.lse[b],
+            slice: None,
+        }
+    }
+}
+
+/// Every token of a row whose raw logit is ≥ `threshold`: (id, raw logit), ids ascending
+/// (`engine::ops::logits_at_least`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowSlice<'a> {
+    pub threshold: f32,
+    pub tokens: &'a [(u32, f32)],
 }
 
 /// How many device candidates a row sampled with `params` (and `banned` masked) needs, or
@@ -159,39 +194,42 @@ pub(crate) fn candidates_needed(
 }
 
 /// The token `Sampler::sample` would draw from the row whose device candidates are `row` —
-/// `None` (with `rng` untouched) when the candidates cannot decide it: too few of them, a
-/// tie at the cut, a rank that may reach past them, or a row with NaN or ±inf (whose error,
-/// or empty draw, the whole row's reference path reports).
+/// `None` (with `rng` untouched) when they cannot decide it: too few of them, a tie at the
+/// cut or a rank that may reach past them (without a slice of the row that settles it), or a
+/// row with NaN or ±inf (whose error, or empty draw, the whole row's reference path reports).
 pub(crate) fn sample_from_candidates(
     row: CandidateRow<'_>,
     params: &ValidParams,
     vocab: usize,
     rng: &mut SequenceRng,
 ) -> Option<SampledToken> {
-    let n = row.values.len().min(row.ids.len());
-    if n == 0 || !row.lse.is_finite() || candidates_needed(params, &[], vocab)? > n {
-        return None;
-    }
+    let n = usable(row, params, vocab)?;
     // A draw that turns out undecidable must leave the sequence's RNG as it was.
     let mut trial = rng.clone();
-    let (token_id, x) = if params.is_greedy() {
-        (row.ids[0], row.values[0])
-    } else {
-        let k = params.top_k_for(vocab)?;
-        let cands: Vec<(u32, f32)> = row.ids[..=k]
-            .iter()
-            .copied()
-            .zip(row.values[..=k].iter().copied())
-            .collect();
-        let id = draw_from_top(cands, k, params, &mut trial)?;
-        let at = row.ids[..=k].iter().position(|&c| c == id)?;
-        (id, row.values[at])
+    let (token_id, x, rank) = match row.slice {
+        Some(slice) => draw_from_slice(row, slice, params, vocab, &mut trial)?,
+        None => {
+            let (id, x) = if params.is_greedy() {
+                (row.ids[0], row.values[0])
+            } else {
+                let k = params.top_k_for(vocab)?;
+                let cands: Vec<(u32, f32)> = row.ids[..=k]
+                    .iter()
+                    .copied()
+                    .zip(row.values[..=k].iter().copied())
+                    .collect();
+                let id = draw_from_top(cands, k, params, &mut trial)?;
+                let at = row.ids[..=k].iter().position(|&c| c == id)?;
+                (id, row.values[at])
+            };
+            // vLLM's rank counts every token with a raw logit ≥ x; all must be candidates.
+            let rank = row.values[..n].iter().filter(|&&y| y >= x).count();
+            if rank == n && n < vocab {
+                return None;
+            }
+            (id, x, rank)
+        }
     };
-    // vLLM's rank counts every token with a raw logit ≥ x; all of them must be candidates.
-    let rank = row.values[..n].iter().filter(|&&y| y >= x).count();
-    if rank == n && n < vocab {
-        return None;
-    }
     let lp = |v: f32| (v as f64 - row.lse as f64) as f32;
     let n_top = params.num_top_logprobs(vocab).unwrap_or(0);
     let top_logprobs = row.ids[..n_top]
@@ -206,6 +244,113 @@ pub(crate) fn sample_from_candidates(
         rank: rank as u32,
         top_logprobs,
     })
+}
+
+/// How many candidates `row` has, when they are enough for `params` and the row is sound
+/// (a finite lse: no NaN, no +inf, not all −inf).
+fn usable(row: CandidateRow<'_>, params: &ValidParams, vocab: usize) -> Option<usize> {
+    let n = row.values.len().min(row.ids.len());
+    if n == 0 || !row.lse.is_finite() || candidates_needed(params, &[], vocab)? > n {
+        return None;
+    }
+    Some(n)
+}
+
+/// The raw-logit threshold of the slice ([`RowSlice`]) that decides a row its candidates
+/// could not, or `None` when only the whole row will do. Every token top_k can keep, and
+/// every token the drawn token's rank counts, has a raw logit at or above it:
+/// - greedy: the argmax (its rank counts every token tied with it);
+/// - top_k: the smallest raw logit that the temperature division maps to the k-th largest
+///   value's quotient or above. Division by T > 0 keeps the order, so the k-th largest
+///   after it is the k-th raw value's quotient, but rounding may map a smaller raw logit to
+///   the same quotient — a tie top_k keeps, which a threshold at the k-th raw value would
+///   miss.
+pub(crate) fn slice_threshold(
+    row: CandidateRow<'_>,
+    params: &ValidParams,
+    vocab: usize,
+) -> Option<f32> {
+    usable(row, params, vocab)?;
+    let t = if params.is_greedy() {
+        row.values[0]
+    } else {
+        let k = params.top_k_for(vocab)?;
+        lowest_tied_after_division(row.values[k - 1], params.temperature as f32)
+    };
+    // At −inf the slice would be the whole row (and nothing in it can be drawn).
+    (t > f32::NEG_INFINITY).then_some(t)
+}
+
+/// The smallest non-NaN f32 `x` with `x / temperature ≥ c / temperature` in f32 (as
+/// `apply_temperature` divides). f32 division by a positive number is monotone, so the
+/// answer is found by bisection over the floats in order, from −inf up to `c`.
+fn lowest_tied_after_division(c: f32, temperature: f32) -> f32 {
+    // Floats in order as u32 keys: negative ones reversed below the positive ones.
+    let key = |x: f32| {
+        let b = x.to_bits();
+        if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+    };
+    let float = |k: u32| f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k });
+    let target = c / temperature;
+    let reaches = |x: f32| x / temperature >= target;
+    if c.is_nan() || reaches(f32::NEG_INFINITY) {
+        // Nothing to search: NaN reaches nothing, −inf (or a quotient of −inf) everything.
+        return if c.is_nan() { c } else { f32::NEG_INFINITY };
+    }
+    let (mut lo, mut hi) = (key(f32::NEG_INFINITY), key(c));
+    // reaches(float(hi)) and !reaches(float(lo)) throughout.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if reaches(float(mid)) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    float(hi)
+}
+
+/// The draw (token, raw logit, rank) from `slice`, the row's tokens at or above a threshold:
+/// `None` when the slice cannot be trusted to hold every token the draw and the rank involve
+/// (a threshold above [`slice_threshold`]'s, tokens out of order or under the threshold,
+/// fewer than top_k of them) or when nothing is left to draw.
+fn draw_from_slice(
+    row: CandidateRow<'_>,
+    slice: RowSlice<'_>,
+    params: &ValidParams,
+    vocab: usize,
+    rng: &mut SequenceRng,
+) -> Option<(u32, f32, usize)> {
+    let needed = slice_threshold(row, params, vocab)?;
+    let tokens = slice.tokens;
+    let sound = slice.threshold <= needed
+        && tokens.windows(2).all(|w| w[0].0 < w[1].0)
+        && tokens.iter().all(|t| t.1 >= slice.threshold);
+    if !sound {
+        return None;
+    }
+    let (id, x) = if params.is_greedy() {
+        (row.ids[0], row.values[0])
+    } else {
+        let k = params.top_k_for(vocab)?;
+        if tokens.len() < k {
+            return None;
+        }
+        // The reference pipeline on the slice, in id order: the slice holds the k largest
+        // raw logits, so its k-th largest after the temperature is the row's, and top_k
+        // drops what the slice holds beyond the row's kept set.
+        let mut work: Vec<f32> = tokens.iter().map(|t| t.1).collect();
+        apply_temperature(&mut work, params.temperature as f32);
+        apply_top_k(&mut work, k);
+        if params.top_p < 1.0 {
+            apply_top_p(&mut work, params.top_p as f32);
+        }
+        let i = draw(&softmax(&work), rng.next_uniform())?;
+        tokens[i as usize]
+    };
+    // Every token with a raw logit ≥ x ≥ the threshold is in the slice.
+    let rank = tokens.iter().filter(|t| t.1 >= x).count();
+    Some((id, x, rank))
 }
 
 /// The raw log-prob of `id` and its rank, in one pass over the row after the max: the same
@@ -268,6 +413,7 @@ mod tests {
     use crate::params::SamplingParams;
     use crate::processors::TokenHistory;
     use crate::sampler::Sampler;
+    use engine::ops::RowTokens;
 
     /// A row of `v` logits from a seeded generator: `distinct` values only, so ties are
     /// common when it is small.
@@ -357,6 +503,7 @@ mod tests {
                 values: &top.values,
                 ids: &top.ids,
                 lse: top.lse[0],
+                slice: None,
             };
             let mut a = SequenceRng::from_seed(case);
             let mut b = a.clone();
@@ -388,6 +535,281 @@ mod tests {
         assert!(taken * 3 >= total * 2, "{taken} of {total}");
     }
 
+    /// A soft-capped row (gemma-2's final `tanh(x / cap) · cap` in f32) of wide raw logits:
+    /// many saturate at exactly ±cap, so the top candidates all tie.
+    fn soft_capped(seed: u64, v: usize, cap: f32, spread: f32) -> Vec<f32> {
+        row(seed, v, 1 << 20, spread)
+            .into_iter()
+            .map(|x| (x / cap).tanh() * cap)
+            .collect()
+    }
+
+    /// `raw`'s device candidates (the engine's CPU op) for `p`, the threshold of the slice
+    /// when they cannot decide the row, and the slice (the engine's CPU op again).
+    fn device_view(raw: &[f32], p: &ValidParams) -> (engine::ops::TopK, Option<(f32, RowTokens)>) {
+        let v = raw.len();
+        let n = candidates_needed(p, &[], v).unwrap();
+        let t = engine::Tensor::from_vec(raw.to_vec(), &[1, v]).unwrap();
+        let top = engine::ops::top_k_candidates(&t, n).unwrap();
+        let slice = slice_threshold(CandidateRow::of(&top, 0), p, v).map(|th| {
+            let got = engine::ops::logits_at_least(&t, &[0], &[th], usize::MAX).unwrap();
+            (th, got[0].clone().unwrap())
+        });
+        (top, slice)
+    }
+
+    /// Draws from the device view of `raw`: the candidates alone, then with the slice when
+    /// they decline. Returns the token and whether the slice was needed.
+    fn draw_device(
+        raw: &[f32],
+        p: &ValidParams,
+        rng: &mut SequenceRng,
+    ) -> Option<(SampledToken, bool)> {
+        let v = raw.len();
+        let (top, slice) = device_view(raw, p);
+        let mut row = CandidateRow::of(&top, 0);
+        if let Some(t) = sample_from_candidates(row, p, v, rng) {
+            return Some((t, false));
+        }
+        let (threshold, tokens) = slice.as_ref()?;
+        row.slice = Some(RowSlice {
+            threshold: *threshold,
+            tokens,
+        });
+        sample_from_candidates(row, p, v, rng).map(|t| (t, true))
+    }
+
+    fn assert_same_token(what: &str, got: &SampledToken, want: &SampledToken) {
+        assert_eq!(got.token_id, want.token_id, "{what}");
+        assert_eq!(got.rank, want.rank, "{what}");
+        assert!(
+            (got.logprob - want.logprob).abs() <= 2e-6 * want.logprob.abs().max(1.0),
+            "{what}: {} vs {}",
+            got.logprob,
+            want.logprob
+        );
+        let ids = |x: &[(u32, f32)]| x.iter().map(|t| t.0).collect::<Vec<_>>();
+        assert_eq!(ids(&got.top_logprobs), ids(&want.top_logprobs), "{what}");
+        for (x, y) in got.top_logprobs.iter().zip(&want.top_logprobs) {
+            assert!((x.1 - y.1).abs() <= 2e-6 * y.1.abs().max(1.0), "{what}");
+        }
+    }
+
+    /// Rows with many ties at the cut — few distinct values, and soft-capped rows saturated
+    /// at exactly the cap — are decided from the slice at or above the cut exactly as the
+    /// reference decides them from the whole row, consuming the same random numbers.
+    #[test]
+    fn ties_at_the_cut_are_decided_from_a_slice_as_the_reference_decides_them() {
+        let (mut sliced, mut undecided) = (0, 0);
+        for case in 0..360u64 {
+            let v = [300usize, 1001, 4099][case as usize % 3];
+            let raw = match (case / 3) % 3 {
+                0 => row(case, v, 5, 20.0),
+                1 => row(case, v, 60, 20.0),
+                _ => soft_capped(case, v, 30.0, 800.0),
+            };
+            let p = SamplingParams {
+                temperature: [0.0, 0.01, 0.7, 1.0, 1.7][(case / 9) as usize % 5],
+                top_k: [1, 2, 5, 64][(case / 45) as usize % 4],
+                top_p: [1.0, 0.8][(case / 2) as usize % 2],
+                logprobs: [None, Some(0), Some(4)][(case / 5) as usize % 3],
+                ..Default::default()
+            }
+            .validate()
+            .unwrap();
+            let mut a = SequenceRng::from_seed(case);
+            let mut b = a.clone();
+            let want = reference(&raw, &p, &mut a).unwrap();
+            let what = format!("case {case}: {p:?}");
+            match draw_device(&raw, &p, &mut b) {
+                Some((got, used_slice)) => {
+                    sliced += usize::from(used_slice);
+                    assert_same_token(&what, &got, &want);
+                    assert_eq!(a.next_uniform(), b.next_uniform(), "{what}");
+                }
+                None => undecided += 1,
+            }
+        }
+        // Every row here has a finite lse: the slice decides whatever the candidates cannot.
+        assert_eq!(undecided, 0);
+        assert!(sliced >= 100, "{sliced}");
+    }
+
+    #[test]
+    fn a_saturated_soft_cap_row_keeps_every_tied_token() {
+        // 300 of 1000 logits exactly at the cap: top_k 5 keeps all 300, top_p none less.
+        let mut raw: Vec<f32> = (0..1000).map(|i| (i % 97) as f32 * 0.25).collect();
+        for i in (0..1000)
+            .step_by(10)
+            .chain((3..1000).step_by(10))
+            .chain((7..1000).step_by(10))
+        {
+            raw[i] = 30.0;
+        }
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_k: 5,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let (top, slice) = device_view(&raw, &p);
+        let (threshold, tokens) = slice.unwrap();
+        assert_eq!(threshold, 30.0);
+        assert_eq!(tokens.len(), 300);
+        let row = CandidateRow::of(&top, 0);
+        assert!(sample_from_candidates(row, &p, 1000, &mut SequenceRng::from_seed(0)).is_none());
+        // Over many seeds the slice draws each tied token, always what the reference draws.
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..3000 {
+            let mut a = SequenceRng::from_seed(seed);
+            let mut b = a.clone();
+            let want = reference(&raw, &p, &mut a).unwrap();
+            let (got, used_slice) = draw_device(&raw, &p, &mut b).unwrap();
+            assert!(used_slice);
+            assert_same_token(&format!("seed {seed}"), &got, &want);
+            assert_eq!(got.rank, 300);
+            seen.insert(got.token_id);
+        }
+        assert!(seen.len() > 250, "{}", seen.len());
+        assert!(seen.iter().all(|&id| raw[id as usize] == 30.0));
+    }
+
+    #[test]
+    fn a_greedy_tie_at_the_top_gets_its_rank_from_the_slice() {
+        let mut raw = row(4, 500, 1 << 20, 4.0);
+        for i in [17, 3, 250, 499] {
+            raw[i] = 9.0;
+        }
+        let p = SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(2),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let mut rng = SequenceRng::from_seed(0);
+        let want = reference(&raw, &p, &mut rng).unwrap();
+        let (got, used_slice) = draw_device(&raw, &p, &mut rng).unwrap();
+        assert!(used_slice);
+        assert_eq!((got.token_id, got.rank), (3, 4));
+        assert_same_token("greedy tie", &got, &want);
+    }
+
+    /// Distinct raw logits that the temperature division rounds to one quotient tie at the
+    /// cut: the slice must start below the k-th raw value to hold them.
+    #[test]
+    fn the_slice_threshold_covers_logits_the_division_ties() {
+        // The exact answer by walking down one float at a time.
+        let walk = |c: f32, t: f32| {
+            let mut x = c;
+            while x > f32::NEG_INFINITY && x.next_down() / t >= c / t {
+                x = x.next_down();
+            }
+            x
+        };
+        let mut collapsed = 0;
+        let mut seed = 0x1234_5678u64;
+        for i in 0..20_000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let c = f32::from_bits((seed >> 32) as u32);
+            if !c.is_finite() {
+                continue;
+            }
+            let t = [0.01f32, 0.3, 0.7, 1.0, 1.3, 1.7, 2.0][i % 7];
+            let got = lowest_tied_after_division(c, t);
+            assert_eq!(got.to_bits(), walk(c, t).to_bits(), "c {c:e} T {t}");
+            collapsed += usize::from(got < c);
+        }
+        assert!(collapsed > 1000, "{collapsed}");
+        assert_eq!(
+            lowest_tied_after_division(f32::NEG_INFINITY, 0.7),
+            f32::NEG_INFINITY
+        );
+        // A quotient that overflows ties every logit from there up (and c / 0.01 = −inf:
+        // every logit).
+        assert_eq!(lowest_tied_after_division(-3e38, 0.01), f32::NEG_INFINITY);
+
+        // A row whose 3rd and 4th largest raw logits differ but divide to one value.
+        let temperature = 0.7f32;
+        let c = (0..)
+            .map(|i| 1.0f32 + i as f32 * 1e-3)
+            .find(|&c| c.next_down() / temperature == c / temperature)
+            .unwrap();
+        let mut raw = vec![0.0f32; 50];
+        raw[10] = 3.0;
+        raw[20] = 2.0;
+        raw[30] = c;
+        raw[40] = c.next_down();
+        let p = SamplingParams {
+            temperature: temperature as f64,
+            top_k: 3,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let (_, slice) = device_view(&raw, &p);
+        let (threshold, tokens) = slice.unwrap();
+        assert!(threshold <= c.next_down());
+        assert_eq!(
+            tokens.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![10, 20, 30, 40]
+        );
+        // Both tied tokens are drawn, each as the reference draws it.
+        let mut drawn = [false; 2];
+        for seed in 0..400 {
+            let mut a = SequenceRng::from_seed(seed);
+            let mut b = a.clone();
+            let want = reference(&raw, &p, &mut a).unwrap();
+            let (got, _) = draw_device(&raw, &p, &mut b).unwrap();
+            assert_same_token(&format!("seed {seed}"), &got, &want);
+            if got.token_id == 30 || got.token_id == 40 {
+                drawn[usize::from(got.token_id == 40)] = true;
+            }
+        }
+        assert_eq!(drawn, [true, true]);
+    }
+
+    #[test]
+    fn a_slice_that_cannot_be_trusted_is_declined() {
+        let raw = row(9, 200, 5, 10.0);
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 5,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let (top, slice) = device_view(&raw, &p);
+        let (threshold, tokens) = slice.unwrap();
+        let mut rng = SequenceRng::from_seed(0);
+        let mut try_with = |threshold: f32, tokens: &[(u32, f32)]| {
+            let row = CandidateRow {
+                slice: Some(RowSlice { threshold, tokens }),
+                ..CandidateRow::of(&top, 0)
+            };
+            sample_from_candidates(row, &p, 200, &mut rng)
+        };
+        assert!(try_with(threshold, &tokens).is_some());
+        // A threshold above the cut may miss tied tokens.
+        assert!(try_with(threshold.next_up(), &tokens).is_none());
+        // Out of id order, or a token under the threshold.
+        let mut swapped = tokens.clone();
+        swapped.swap(0, 1);
+        assert!(try_with(threshold, &swapped).is_none());
+        let mut low = tokens.clone();
+        low[0].1 = threshold.next_down();
+        assert!(try_with(threshold, &low).is_none());
+        // Fewer tokens than top_k.
+        assert!(try_with(threshold, &tokens[..4]).is_none());
+        // A lower threshold (a superset) is fine.
+        let t = engine::Tensor::from_vec(raw.clone(), &[1, 200]).unwrap();
+        let wider = engine::ops::logits_at_least(&t, &[0], &[-100.0], 1000).unwrap();
+        assert!(try_with(-100.0, wider[0].as_ref().unwrap()).is_some());
+    }
+
     #[test]
     fn device_candidates_decline_bad_rows_and_short_lists() {
         let p = SamplingParams {
@@ -403,6 +825,7 @@ mod tests {
             values: &values[..n],
             ids: &ids[..n],
             lse,
+            slice: None,
         };
         assert!(sample_from_candidates(row(f32::NAN, 4), &p, 10, &mut rng).is_none());
         assert!(sample_from_candidates(row(f32::INFINITY, 4), &p, 10, &mut rng).is_none());
@@ -421,6 +844,7 @@ mod tests {
             values: &[5.0, 5.0],
             ids: &[3, 4],
             lse: 6.0,
+            slice: None,
         };
         assert!(sample_from_candidates(tied, &g, 10, &mut rng).is_none());
         assert_eq!(candidates_needed(&g, &[], 10), Some(2));

@@ -18,6 +18,12 @@
 //! batch it ran in does not change what it samples) → hand back the sequences that
 //! finished, and free their blocks.
 //!
+//! On a GPU the model ranks each row on the device and only the top candidates cross to the
+//! host (`StepModel::step_top`). A row they cannot decide (a tie at the top-k cut) asks the
+//! model for its tokens at or above a threshold (`StepModel::logits_at_least`), and only
+//! what that cannot decide either copies the whole logits (`StepModel::last_full_logits`);
+//! [`EngineStats`] counts each way.
+//!
 //! `n > 1` samples of one prompt are independent sequences that each prefill the prompt
 //! (no prefix sharing): simple, and what the recompute preemption needs anyway.
 //!
@@ -39,10 +45,10 @@
 
 use std::collections::HashMap;
 
-use engine::ops::TopK;
+use engine::ops::{RowTokens, TopK};
 use rayon::prelude::*;
 
-use crate::candidates::CandidateRow;
+use crate::candidates::{CandidateRow, RowSlice, slice_threshold};
 use crate::error::{Result, SampleError};
 use crate::kv_blocks::BlockManager;
 use crate::scheduler::{Limits, Schedule, Scheduler};
@@ -127,8 +133,25 @@ pub trait StepModel {
     fn step_top(&mut self, batch: &StepBatch, _candidates: usize) -> Result<StepLogits> {
         self.step(batch).map(StepLogits::Full)
     }
+    /// For rows of the last step, after [`StepModel::step_top`] returned candidates: every
+    /// token whose raw logit is ≥ the row's threshold, in id order, with its logit — `None`
+    /// for a row with more than `cap` of them. `rows` index the step's batch (B) and pair
+    /// with `thresholds`; the answer has one entry per row, in their order. This decides a
+    /// row whose candidates tie at the top-k cut without the whole logits crossing to the
+    /// host: a GPU model answers with `engine::ops::logits_at_least` on the step's device
+    /// logits, and must keep them for [`StepModel::last_full_logits`], which may follow.
+    /// `Ok(None)` (the default): not available, the engine copies the whole logits instead.
+    fn logits_at_least(
+        &mut self,
+        _rows: &[usize],
+        _thresholds: &[f32],
+        _cap: usize,
+    ) -> Result<Option<Vec<Option<RowTokens>>>> {
+        Ok(None)
+    }
     /// The whole logits [B, V] of the last step, after [`StepModel::step_top`] returned
-    /// candidates: for the rare rows they cannot decide (a tie at the top-k cut, NaN).
+    /// candidates: for the rare rows they cannot decide (NaN or ±inf, or a tie at the top-k
+    /// cut that [`StepModel::logits_at_least`] did not settle).
     fn last_full_logits(&mut self) -> Result<Vec<f32>> {
         Err(SampleError::EngineConfig {
             name: "last_full_logits",
@@ -170,6 +193,14 @@ impl<M: StepModel + ?Sized> StepModel for Box<M> {
     }
     fn step_top(&mut self, batch: &StepBatch, candidates: usize) -> Result<StepLogits> {
         (**self).step_top(batch, candidates)
+    }
+    fn logits_at_least(
+        &mut self,
+        rows: &[usize],
+        thresholds: &[f32],
+        cap: usize,
+    ) -> Result<Option<Vec<Option<RowTokens>>>> {
+        (**self).logits_at_least(rows, thresholds, cap)
     }
     fn last_full_logits(&mut self) -> Result<Vec<f32>> {
         (**self).last_full_logits()
@@ -218,7 +249,22 @@ pub struct EngineStats {
     /// Sequences that lost their cache to make room (each is recomputed later).
     pub preemptions: u64,
     pub finished: u64,
+    /// Steps sampled from each row's top candidates (`StepModel::step_top` answered with
+    /// candidates), not from whole rows.
+    pub candidate_steps: u64,
+    /// Rows of candidate steps that the candidates could not decide (ties at the top-k cut)
+    /// and a slice of the row at or above the cut did (`StepModel::logits_at_least`).
+    pub rows_resolved_on_device: u64,
+    /// Candidate steps that copied the whole logits [B, V] for rows neither the candidates
+    /// nor a slice could decide, and how many rows were sampled from those copies.
+    pub full_copies: u64,
+    pub full_copy_rows: u64,
 }
+
+/// The most tokens a row's slice may hold (`StepModel::logits_at_least`); a row with more
+/// takes the whole logits. 4096 (id, logit) pairs are 32 KiB, against 1 MiB for a whole row
+/// of a 256k vocabulary, and cover the soft-cap saturation that ties gemma-2's top logits.
+pub(crate) const SLICE_CAP: usize = 4096;
 
 struct Entry<T> {
     tag: T,
@@ -399,31 +445,13 @@ impl<M: StepModel, T> Engine<M, T> {
                         vocab: k,
                     });
                 }
-                let mut work: Vec<(SeqId, &mut SequenceState, CandidateRow<'_>)> = self
-                    .seqs
-                    .iter_mut()
-                    .filter_map(|(id, e)| {
-                        row_of.get(id).map(|&b| {
-                            let row = CandidateRow {
-                                values: &top.values[b * k..(b + 1) * k],
-                                ids: &top.ids[b * k..(b + 1) * k],
-                                lse: top.lse[b],
-                            };
-                            (*id, &mut e.state, row)
-                        })
-                    })
-                    .collect();
-                let undecided: Vec<SeqId> = work
-                    .par_iter_mut()
-                    .map(|(id, state, row)| {
-                        Ok(state.step_candidates(*row, vocab)?.is_none().then_some(*id))
-                    })
-                    .collect::<Result<Vec<Option<SeqId>>>>()?
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                self.stats.candidate_steps += 1;
+                let undecided = self.sample_candidates(&row_of, &top, None)?;
+                let undecided = self.resolve_on_device(&row_of, &top, undecided)?;
                 if !undecided.is_empty() {
                     let full = self.model.last_full_logits()?;
+                    self.stats.full_copies += 1;
+                    self.stats.full_copy_rows += undecided.len() as u64;
                     self.sample_full(&row_of, &full, rows, Some(&undecided))?;
                 }
             }
@@ -445,6 +473,94 @@ impl<M: StepModel, T> Engine<M, T> {
         }
         self.stats.finished += finished.len() as u64;
         Ok(finished)
+    }
+
+    /// Samples the sequences of `row_of` from their device candidates `top` — only those in
+    /// `slices`, each with its row's slice, when given; returns the ones that could not be
+    /// decided, untouched.
+    fn sample_candidates(
+        &mut self,
+        row_of: &HashMap<SeqId, usize>,
+        top: &TopK,
+        slices: Option<&HashMap<SeqId, RowSlice<'_>>>,
+    ) -> Result<Vec<SeqId>> {
+        let vocab = self.vocab;
+        let mut work: Vec<(SeqId, &mut SequenceState, CandidateRow<'_>)> = self
+            .seqs
+            .iter_mut()
+            .filter(|(id, _)| slices.is_none_or(|s| s.contains_key(id)))
+            .filter_map(|(id, e)| {
+                row_of.get(id).map(|&b| {
+                    let row = CandidateRow {
+                        slice: slices.and_then(|s| s.get(id).copied()),
+                        ..CandidateRow::of(top, b)
+                    };
+                    (*id, &mut e.state, row)
+                })
+            })
+            .collect();
+        Ok(work
+            .par_iter_mut()
+            .map(|(id, state, row)| {
+                Ok(state.step_candidates(*row, vocab)?.is_none().then_some(*id))
+            })
+            .collect::<Result<Vec<Option<SeqId>>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Decides what it can of the `undecided` rows of a candidate step from slices of the
+    /// rows at or above their cut (`StepModel::logits_at_least`); returns the rest.
+    fn resolve_on_device(
+        &mut self,
+        row_of: &HashMap<SeqId, usize>,
+        top: &TopK,
+        undecided: Vec<SeqId>,
+    ) -> Result<Vec<SeqId>> {
+        let vocab = self.vocab;
+        // (sequence, batch row, threshold) of each row a slice can decide.
+        let asks: Vec<(SeqId, usize, f32)> = undecided
+            .iter()
+            .filter_map(|id| {
+                let b = *row_of.get(id)?;
+                let params = self.seqs.get(id)?.state.params();
+                let t = slice_threshold(CandidateRow::of(top, b), params, vocab)?;
+                Some((*id, b, t))
+            })
+            .collect();
+        if asks.is_empty() {
+            return Ok(undecided);
+        }
+        let rows: Vec<usize> = asks.iter().map(|a| a.1).collect();
+        let thresholds: Vec<f32> = asks.iter().map(|a| a.2).collect();
+        let Some(answers) = self.model.logits_at_least(&rows, &thresholds, SLICE_CAP)? else {
+            return Ok(undecided);
+        };
+        if answers.len() != asks.len() {
+            return Err(SampleError::EngineConfig {
+                name: "logits_at_least",
+                msg: format!(
+                    "the model answered {} rows for {} asked",
+                    answers.len(),
+                    asks.len()
+                ),
+            });
+        }
+        let slices: HashMap<SeqId, RowSlice<'_>> = asks
+            .iter()
+            .zip(&answers)
+            .filter_map(|(&(id, _, threshold), tokens)| {
+                let tokens = tokens.as_deref()?;
+                Some((id, RowSlice { threshold, tokens }))
+            })
+            .collect();
+        let left = self.sample_candidates(row_of, top, Some(&slices))?;
+        self.stats.rows_resolved_on_device += (slices.len() - left.len()) as u64;
+        Ok(undecided
+            .into_iter()
+            .filter(|id| !slices.contains_key(id) || left.contains(id))
+            .collect())
     }
 
     /// Samples the sequences of `row_of` (only those in `only`, when given) from the whole
@@ -542,12 +658,16 @@ mod tests {
     }
 
     /// A model whose logits hash each sequence's context length and last token: on some
-    /// steps only a few distinct values (ties at every cut), on others many; a few −inf.
-    /// With `candidates` it answers `step_top` as a GPU runner does, from the CPU op.
+    /// steps only a few distinct values (ties at every cut), on some soft-capped logits with
+    /// many exactly at the cap (gemma-2's saturation), on others many values; a few −inf.
+    /// With `candidates` it answers `step_top` as a GPU runner does, from the CPU op, and
+    /// with `slices` (its own cap on a slice) `logits_at_least`, from the CPU op too.
     struct HashModel {
         candidates: bool,
+        slices: Option<usize>,
         last: Option<Vec<f32>>,
         candidate_steps: usize,
+        slice_rows: usize,
         full_copies: usize,
     }
 
@@ -555,9 +675,18 @@ mod tests {
         fn new(candidates: bool) -> Self {
             Self {
                 candidates,
+                slices: None,
                 last: None,
                 candidate_steps: 0,
+                slice_rows: 0,
                 full_copies: 0,
+            }
+        }
+
+        fn with_slices(cap: usize) -> Self {
+            Self {
+                slices: Some(cap),
+                ..Self::new(true)
             }
         }
     }
@@ -580,13 +709,23 @@ mod tests {
             let mut out = Vec::with_capacity(batch.seqs.len() * VOCAB);
             for (b, s) in batch.seqs.iter().enumerate() {
                 let h = mix(((s.start + s.len) as u64) << 32 ^ batch.ids[q[b + 1] - 1] as u64);
-                let distinct = if h.is_multiple_of(16) { 6 } else { 1 << 20 };
+                let distinct = match h % 16 {
+                    0 => 6,
+                    1 => 60,
+                    _ => 1 << 20,
+                };
+                // Soft-capped at 12 (tanh(x) · 12 of x in [0, 12)): a quarter of the logits
+                // saturate at exactly 12.
+                let saturated = h % 16 == 2;
                 out.extend((0..VOCAB as u64).map(|v| {
                     let r = mix(h ^ (v << 20));
+                    let x = (r % distinct) as f32 / distinct as f32 * 12.0;
                     if r.is_multiple_of(97) {
                         f32::NEG_INFINITY
+                    } else if saturated {
+                        x.tanh() * 12.0
                     } else {
-                        (r % distinct) as f32 / distinct as f32 * 12.0
+                        x
                     }
                 }));
             }
@@ -604,6 +743,26 @@ mod tests {
             self.candidate_steps += 1;
             Ok(StepLogits::Candidates(top))
         }
+        fn logits_at_least(
+            &mut self,
+            rows: &[usize],
+            thresholds: &[f32],
+            cap: usize,
+        ) -> Result<Option<Vec<Option<RowTokens>>>> {
+            let Some(own_cap) = self.slices else {
+                return Ok(None);
+            };
+            let last = self
+                .last
+                .as_ref()
+                .expect("a candidates step kept its logits");
+            let t = engine::Tensor::from_vec(last.clone(), &[last.len() / VOCAB, VOCAB])
+                .map_err(SampleError::model)?;
+            self.slice_rows += rows.len();
+            engine::ops::logits_at_least(&t, rows, thresholds, cap.min(own_cap))
+                .map(Some)
+                .map_err(SampleError::model)
+        }
         fn last_full_logits(&mut self) -> Result<Vec<f32>> {
             self.full_copies += 1;
             Ok(self.last.take().expect("a candidates step kept its logits"))
@@ -611,8 +770,11 @@ mod tests {
     }
 
     /// Runs `params` (two samples of each on three prompts) to completion; returns each
-    /// sequence by tag.
-    fn run(model: HashModel, params: &[SamplingParams]) -> (Vec<SequenceState>, HashModel) {
+    /// sequence by tag, the model and the engine's counters.
+    fn run(
+        model: HashModel,
+        params: &[SamplingParams],
+    ) -> (Vec<SequenceState>, HashModel, EngineStats) {
         let mut engine = Engine::new(
             model,
             EngineConfig {
@@ -642,7 +804,31 @@ mod tests {
         let mut done: Vec<Finished<u64>> = engine.run_to_completion().unwrap();
         done.sort_by_key(|f| f.tag);
         let seqs = done.into_iter().map(|f| f.seq).collect();
-        (seqs, engine.model)
+        let stats = engine.stats();
+        (seqs, engine.model, stats)
+    }
+
+    /// The same tokens, log-probs within f32 rounding, the same top log-prob ids.
+    fn assert_same_outputs(what: &str, got: &[SequenceState], want: &[SequenceState]) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let what = format!("{what}, sequence {i}");
+            assert_eq!(g.output_ids(), w.output_ids(), "{what}");
+            for (a, b) in g.token_logprobs().iter().zip(w.token_logprobs()) {
+                assert!(
+                    (a - b).abs() <= 2e-6 * b.abs().max(1.0),
+                    "{what}: {a} vs {b}"
+                );
+            }
+            assert_eq!(g.top_logprobs().len(), w.top_logprobs().len(), "{what}");
+            for (a, b) in g.top_logprobs().iter().zip(w.top_logprobs()) {
+                let ids = |x: &[(u32, f32)]| x.iter().map(|t| t.0).collect::<Vec<_>>();
+                assert_eq!(ids(a), ids(b), "{what}");
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x.1 - y.1).abs() <= 2e-6 * y.1.abs().max(1.0), "{what}");
+                }
+            }
+        }
     }
 
     /// The engine samples from device-style candidates exactly what it samples from whole
@@ -686,37 +872,84 @@ mod tests {
             ],
         ];
         for (n, params) in scenarios.iter().enumerate() {
-            let (want, _) = run(HashModel::new(false), params);
-            let (got, model) = run(HashModel::new(true), params);
-            assert_eq!(got.len(), want.len());
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let what = format!("scenario {n}, sequence {i}");
-                assert_eq!(g.output_ids(), w.output_ids(), "{what}");
-                for (a, b) in g.token_logprobs().iter().zip(w.token_logprobs()) {
-                    assert!(
-                        (a - b).abs() <= 2e-6 * b.abs().max(1.0),
-                        "{what}: {a} vs {b}"
-                    );
-                }
-                assert_eq!(g.top_logprobs().len(), w.top_logprobs().len(), "{what}");
-                for (a, b) in g.top_logprobs().iter().zip(w.top_logprobs()) {
-                    let ids = |x: &[(u32, f32)]| x.iter().map(|t| t.0).collect::<Vec<_>>();
-                    assert_eq!(ids(a), ids(b), "{what}");
-                    for (x, y) in a.iter().zip(b) {
-                        assert!((x.1 - y.1).abs() <= 2e-6 * y.1.abs().max(1.0), "{what}");
-                    }
-                }
-            }
+            let (want, _, _) = run(HashModel::new(false), params);
+            let (got, model, stats) = run(HashModel::new(true), params);
+            assert_same_outputs(&format!("scenario {n}"), &got, &want);
+            // Without slices, every undecided row copies the whole logits.
+            assert_eq!(stats.rows_resolved_on_device, 0);
+            assert_eq!(stats.full_copies, model.full_copies as u64);
+            assert_eq!(stats.candidate_steps, model.candidate_steps as u64);
             if n == 0 {
-                // Most steps ran on candidates; tie-heavy rows needed the whole row sometimes.
+                // Most steps ran on candidates; tie-heavy rows needed the whole row sometimes,
+                // and most rows never did.
                 assert!(model.candidate_steps >= 10, "{}", model.candidate_steps);
                 assert!(model.full_copies >= 1);
-                assert!(2 * model.full_copies < model.candidate_steps);
+                assert!(model.full_copies < model.candidate_steps, "{stats:?}");
+                assert!(
+                    4 * stats.full_copy_rows < stats.generated_tokens,
+                    "{stats:?}"
+                );
             } else {
                 // A penalty row in every step until it finishes: the whole rows until then.
                 assert!(model.candidate_steps < 30, "{}", model.candidate_steps);
             }
         }
+    }
+
+    /// Rows whose candidates tie at the cut (few distinct values, soft-cap saturation) are
+    /// decided from slices of the rows at or above the cut, as the whole rows decide them;
+    /// only rows whose slice passes its cap copy the whole logits.
+    #[test]
+    fn ties_at_the_cut_are_resolved_on_device_as_whole_rows_resolve_them() {
+        let base = SamplingParams {
+            max_tokens: Some(16),
+            ..Default::default()
+        };
+        let with = |f: &dyn Fn(&mut SamplingParams)| {
+            let mut p = base.clone();
+            f(&mut p);
+            p
+        };
+        let params = [
+            with(&|p| {
+                (p.temperature, p.logprobs) = (0.0, Some(2));
+            }),
+            // The reference workflow's settings (T 0.001, raised to 0.01).
+            with(&|p| {
+                (p.temperature, p.top_k, p.top_p) = (0.001, 5, 0.8);
+            }),
+            with(&|p| {
+                (p.temperature, p.top_k, p.top_p) = (0.7, 5, 0.8);
+            }),
+            with(&|p| {
+                (p.temperature, p.top_k, p.logprobs) = (1.0, 20, Some(3));
+            }),
+            with(&|p| {
+                (p.temperature, p.top_k) = (1.7, 2);
+            }),
+        ];
+        let (want, _, _) = run(HashModel::new(false), &params);
+
+        // Slices of any size: no row needs the whole logits.
+        let (got, model, stats) = run(HashModel::with_slices(usize::MAX), &params);
+        assert_same_outputs("unlimited slices", &got, &want);
+        assert!(stats.rows_resolved_on_device >= 10, "{stats:?}");
+        assert_eq!((stats.full_copies, model.full_copies), (0, 0), "{stats:?}");
+        assert_eq!(stats.rows_resolved_on_device, model.slice_rows as u64);
+
+        // Slices of at most 100 tokens: saturated rows (about 250 at the cap) and rows of 6
+        // distinct values (about 165 each) copy the whole logits; 60 distinct values do not.
+        let (got, model, stats) = run(HashModel::with_slices(100), &params);
+        assert_same_outputs("slices of 100", &got, &want);
+        assert!(stats.rows_resolved_on_device >= 1, "{stats:?}");
+        assert!(stats.full_copies >= 1, "{stats:?}");
+        assert_eq!(stats.full_copies, model.full_copies as u64);
+        assert!(stats.full_copy_rows >= stats.full_copies);
+        assert_eq!(
+            stats.rows_resolved_on_device + stats.full_copy_rows,
+            model.slice_rows as u64,
+            "{stats:?}"
+        );
     }
 
     #[test]

@@ -68,6 +68,7 @@
 //! ```
 
 mod candidates;
+mod decode_graph;
 mod detok;
 mod engine;
 mod error;

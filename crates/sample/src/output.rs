@@ -9,6 +9,10 @@
 //! user-space buffer, so a killed process never leaves more than one torn line.
 //!
 //! [`sample_row`] builds a row (field order and meanings in docs/sample.md).
+//!
+//! `prefer sample --out FILE.parquet` appends to a samples file too — the sidecar
+//! `FILE.parquet.partial.jsonl` — and converts it to parquet once every row is there; a
+//! leftover sidecar is checked with [`SamplesFile::read`], which changes nothing.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -82,6 +86,23 @@ impl SamplesFile {
             },
             resume,
         ))
+    }
+
+    /// What the file at `path` holds, read without opening it for writing: a torn last
+    /// line is reported in [`Resume::torn_bytes`] but not cut off. A missing file holds
+    /// nothing.
+    pub fn read(path: &Path) -> Result<Resume> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(SampleError::OutputIo {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Ok(scan(path, &bytes)?.0)
     }
 
     /// Appends one row (one `write` of the line and its newline).
@@ -328,11 +349,17 @@ mod tests {
         let mut bytes = good.as_bytes().to_vec();
         bytes.extend_from_slice(&torn.as_bytes()[..torn.len() - 1]);
         std::fs::write(&path, &bytes).unwrap();
-        let (mut f, resume) = SamplesFile::open(&path).unwrap();
+        let (f, resume) = SamplesFile::open(&path).unwrap();
+        drop(f);
         assert_eq!(resume.rows, 1);
         assert_eq!(resume.torn_bytes, Some(torn.len() - 1));
         assert!(resume.done.contains(&key("x:0", 0)));
         assert!(!resume.done.contains(&key("x:1", 0)));
+        // Reading without opening sees the same and leaves the torn line in place.
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(SamplesFile::read(&path).unwrap(), resume);
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        let (mut f, _) = SamplesFile::open(&path).unwrap();
         f.append(&row("x:1", 0)).unwrap();
         drop(f);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -354,6 +381,8 @@ mod tests {
         );
         assert!(e.contains("out.jsonl"), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+        let e = SamplesFile::read(&path).err().unwrap().to_string();
+        assert!(e.contains("line 2"), "{e}");
 
         std::fs::write(&path, "{\"id\":3,\"sample_index\":0}\n").unwrap();
         let e = SamplesFile::open(&path).err().unwrap().to_string();

@@ -40,10 +40,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use engine::cuda::CudaBackend;
-use engine::ops::{self, AttentionOut, AttentionParams, PagedLayout, SeqLayout};
-use engine::{Device, EngineError, Tensor};
+use engine::ops::{self, AttentionOut, AttentionParams, PagedLayout, RowTokens, SeqLayout};
+use engine::{Device, EngineError, Indices, Staging, Tensor};
 use model::{KvCache, Model, ModelError};
 
+use crate::decode_graph::DecodeGraphs;
 use crate::engine::{KvGeometry, StepBatch, StepLogits, StepModel};
 use crate::error::{Result, SampleError};
 use crate::model_runner::pool_and_context;
@@ -51,8 +52,11 @@ use crate::model_runner::pool_and_context;
 /// The environment variable naming the per-step trace file.
 pub const STEP_TRACE_ENV: &str = "PREFER_STEP_TRACE";
 
+/// The environment variable that turns CUDA graphs off (`0`), like `--enforce-eager`.
+pub const CUDA_GRAPHS_ENV: &str = "PREFER_CUDA_GRAPHS";
+
 /// One layer's keys and values.
-struct LayerPool {
+pub(crate) struct LayerPool {
     k: Tensor, // [num_blocks, block_size, Hkv, D]
     v: Tensor, // [num_blocks, block_size, Hkv, D]
 }
@@ -76,6 +80,10 @@ pub struct RunnerTimes {
     /// Candidate steps that then copied the whole logits too, for rows the candidates could
     /// not decide.
     pub full_copies: u64,
+    /// Steps run as one launch of a captured CUDA graph.
+    pub graph_steps: u64,
+    /// Graphs captured.
+    pub graph_captures: u64,
 }
 
 pub struct PagedRunner {
@@ -88,8 +96,12 @@ pub struct PagedRunner {
     read: KvRead,
     trace: Option<StepTrace>,
     times: RunnerTimes,
-    /// The last candidate step's device logits [B, V], for `last_full_logits`.
-    last_logits: Option<Tensor>,
+    /// The last candidate step's device logits [≥ B, V], for `last_full_logits`, and B.
+    last_logits: Option<(Tensor, usize)>,
+    /// One copy per step of its small arrays (ids, positions, layout, slots).
+    staging: Staging,
+    /// Decode steps as CUDA graphs (a GPU, unless turned off).
+    graphs: Option<DecodeGraphs>,
 }
 
 impl PagedRunner {
@@ -130,7 +142,26 @@ impl PagedRunner {
             trace,
             times: RunnerTimes::default(),
             last_logits: None,
+            staging: Staging::new(device),
+            graphs: match device {
+                Device::Cuda(n) if cuda_graphs_from_env() => Some(DecodeGraphs::new(n)?),
+                _ => None,
+            },
         })
+    }
+
+    /// Turns CUDA graphs for decode steps on or off (on by default on a GPU, unless
+    /// `PREFER_CUDA_GRAPHS=0`); off, every step runs its kernels one by one (vLLM's
+    /// `--enforce-eager`).
+    pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
+        self.graphs = match (on, self.device) {
+            (true, Device::Cuda(n)) => match self.graphs.take() {
+                Some(g) => Some(g),
+                None => Some(DecodeGraphs::new(n)?),
+            },
+            _ => None,
+        };
+        Ok(())
     }
 
     /// Bytes one block of `block_size` positions takes over all layers, keys and values, in
@@ -200,19 +231,30 @@ impl StepModel for PagedRunner {
         };
         Some(format!(
             "{} model steps on {}: host enqueue {:.2} ms{wait}, logits copy {:.2} ms per step \
-             ({} steps copied top-k candidates only, {} of them the full logits too; KV read: \
-             {:?})",
+             ({} steps copied top-k candidates only, {} of them the full logits too; {} steps \
+             were CUDA graph launches, {} graphs captured; KV read: {:?})",
             t.steps,
             self.device,
             1e3 * t.enqueue / n,
             1e3 * t.copy / n,
             t.candidate_steps,
             t.full_copies,
+            t.graph_steps,
+            t.graph_captures,
             self.read
         ))
     }
 
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
+        if self.graphs.is_some() && self.read == KvRead::InPlace {
+            // A decode step through its graph (ranking one candidate, unused), then the
+            // whole logits.
+            match self.graph_step(batch, 1) {
+                Ok(Some(_)) => return self.kept_logits(),
+                Ok(None) => {}
+                Err(e) => self.graphs_failed(e),
+            }
+        }
         self.run_step(batch, |logits| {
             Ok((logits.to_vec().map_err(SampleError::model)?, None))
         })
@@ -223,19 +265,37 @@ impl StepModel for PagedRunner {
             // The logits are on the host already: the engine's host sampler is as fast.
             return self.step(batch).map(StepLogits::Full);
         }
+        if self.graphs.is_some() && self.read == KvRead::InPlace {
+            match self.graph_step(batch, candidates) {
+                Ok(Some(top)) => return Ok(StepLogits::Candidates(top)),
+                Ok(None) => {}
+                Err(e) => self.graphs_failed(e),
+            }
+        }
         self.run_step(batch, |logits| {
             let top = ops::top_k_candidates(&logits, candidates).map_err(SampleError::model)?;
             Ok((StepLogits::Candidates(top), Some(logits)))
         })
     }
 
+    fn logits_at_least(
+        &mut self,
+        rows: &[usize],
+        thresholds: &[f32],
+        cap: usize,
+    ) -> Result<Option<Vec<Option<RowTokens>>>> {
+        // Kept, not taken: `last_full_logits` may follow for rows over the cap.
+        let Some((logits, _)) = self.last_logits.as_ref() else {
+            return Ok(None);
+        };
+        ops::logits_at_least(logits, rows, thresholds, cap)
+            .map(Some)
+            .map_err(SampleError::model)
+    }
+
     fn last_full_logits(&mut self) -> Result<Vec<f32>> {
-        let logits = self.last_logits.take().ok_or(SampleError::EngineConfig {
-            name: "last_full_logits",
-            msg: "no step kept its logits (the last step returned full rows)".into(),
-        })?;
         self.times.full_copies += 1;
-        logits.to_vec().map_err(SampleError::model)
+        self.kept_logits()
     }
 }
 
@@ -258,20 +318,26 @@ impl PagedRunner {
         self.last_logits = None;
         let t0 = Instant::now();
         let layout = step_layout(batch)?;
-        let packed = layout.packed();
-        let mut view = PagedView::new(&mut self.pools, &layout, batch, self.read);
-        let hidden = self
-            .model
-            .forward_cached(&batch.ids, &batch.positions, &packed, &mut view)
-            .map_err(SampleError::model)?; // [Tq, C]
-        drop(view);
-        let last: Vec<usize> = packed.q_starts[1..].iter().map(|&end| end - 1).collect();
-        let rows = self
-            .model
-            .select_rows(&hidden, &last)
-            .map_err(SampleError::model)?; // [B, C]
-        drop(hidden);
-        let logits = self.model.logits(&rows).map_err(SampleError::model)?; // [B, V], f32
+        let ids = Indices::from(batch.ids.as_slice());
+        let positions = Indices::from(batch.positions.as_slice());
+        self.staging
+            .stage(&[&ids, &positions, &layout, layout.slots()])
+            .map_err(SampleError::model)?;
+        // Decode-only steps need no gather: their rows are the sequences' last tokens.
+        let last: Option<Vec<usize>> = batch
+            .seqs
+            .iter()
+            .any(|s| s.len != 1)
+            .then(|| batch.q_starts()[1..].iter().map(|&end| end - 1).collect());
+        let logits = forward_logits(
+            &self.model,
+            &mut self.pools,
+            self.read,
+            &ids,
+            &positions,
+            &layout,
+            last.as_deref(),
+        )?; // [B, V], f32
         let t1 = Instant::now();
         // Waiting apart from the copy costs a sync, so only a trace asks for it.
         if self.trace.is_some()
@@ -283,9 +349,70 @@ impl PagedRunner {
         let t2 = Instant::now();
         let (out, kept) = fetch(logits)?;
         self.times.candidate_steps += u64::from(kept.is_some());
-        self.last_logits = kept;
+        self.last_logits = kept.map(|l| (l, batch.seqs.len()));
         let t3 = Instant::now();
+        self.record_times(batch, [t0, t1, t2, t3])?;
+        Ok(out)
+    }
 
+    /// The last step's kept device logits, on the host: [B, V].
+    fn kept_logits(&mut self) -> Result<Vec<f32>> {
+        let (logits, rows) = self.last_logits.take().ok_or(SampleError::EngineConfig {
+            name: "last_full_logits",
+            msg: "no step kept its logits (the last step returned full rows)".into(),
+        })?;
+        let mut all = logits.to_vec().map_err(SampleError::model)?;
+        // A graph's logits have padding rows after the batch's.
+        all.truncate(rows * self.model.config().vocab_size);
+        Ok(all)
+    }
+
+    /// A graph step failed: correct either way — this step runs eagerly, and so do the
+    /// next ones.
+    fn graphs_failed(&mut self, e: SampleError) {
+        tracing::warn!("CUDA graphs turned off for this run: {e}");
+        self.graphs = None;
+    }
+
+    /// A decode step as one CUDA graph launch, if `batch` is one (else `None`).
+    fn graph_step(
+        &mut self,
+        batch: &StepBatch,
+        candidates: usize,
+    ) -> Result<Option<engine::ops::TopK>> {
+        let Some(key) = DecodeGraphs::key(batch, candidates, self.max_model_len) else {
+            return Ok(None);
+        };
+        let Some(graphs) = self.graphs.as_mut() else {
+            return Ok(None);
+        };
+        self.last_logits = None;
+        let t0 = Instant::now();
+        graphs.launch(key, batch, &self.model, &mut self.pools)?;
+        let t1 = Instant::now();
+        if self.trace.is_some()
+            && let Some(gpu) = self.backend()?
+        {
+            gpu.synchronize()
+                .map_err(|e| SampleError::model(engine::EngineError::from(e)))?;
+        }
+        let t2 = Instant::now();
+        let graphs = self.graphs.as_ref().ok_or(SampleError::EngineConfig {
+            name: "cuda graphs",
+            msg: "turned off during a step".into(),
+        })?;
+        let (top, logits) = graphs.fetch(key, batch.seqs.len())?;
+        self.times.graph_captures = graphs.captures;
+        self.times.graph_steps += 1;
+        self.times.candidate_steps += 1;
+        self.last_logits = Some((logits, batch.seqs.len()));
+        let t3 = Instant::now();
+        self.record_times(batch, [t0, t1, t2, t3])?;
+        Ok(Some(top))
+    }
+
+    /// Adds one step's times: [start, queued, GPU done (with a trace), result on the host].
+    fn record_times(&mut self, batch: &StepBatch, [t0, t1, t2, t3]: [Instant; 4]) -> Result<()> {
         let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
         self.times.steps += 1;
         self.times.enqueue += secs(t0, t1);
@@ -300,8 +427,39 @@ impl PagedRunner {
                 [secs(t0, t1), secs(t1, t2), secs(t2, t3)],
             )?;
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// The forward of one step through the pools and the LM head: logits [B, V] f32 of the
+/// rows `last` of the new tokens (all of them when `None`).
+pub(crate) fn forward_logits(
+    model: &Model,
+    pools: &mut [LayerPool],
+    read: KvRead,
+    ids: &Indices,
+    positions: &Indices,
+    layout: &PagedLayout,
+    last: Option<&[usize]>,
+) -> Result<Tensor> {
+    let packed = layout.packed();
+    let mut view = PagedView::new(pools, layout, read);
+    let hidden = model
+        .forward_cached_indexed(ids, positions, &packed, &mut view)
+        .map_err(SampleError::model)?; // [Tq, C]
+    drop(view);
+    let rows = match last {
+        Some(last) => model
+            .select_rows(&hidden, last)
+            .map_err(SampleError::model)?, // [B, C]
+        None => hidden,
+    };
+    model.logits(&rows).map_err(SampleError::model)
+}
+
+/// Whether the environment leaves CUDA graphs on ([`CUDA_GRAPHS_ENV`] unset, or not `0`).
+fn cuda_graphs_from_env() -> bool {
+    !matches!(std::env::var(CUDA_GRAPHS_ENV).as_deref(), Ok("0"))
 }
 
 /// The step's [`PagedLayout`]: sequence `b`'s queries are its `len` new tokens, its context
@@ -357,7 +515,6 @@ pub const KV_READ_ENV: &str = "PREFER_PAGED_KV";
 pub(crate) struct PagedView<'a> {
     pools: &'a mut [LayerPool],
     layout: &'a PagedLayout,
-    batch: &'a StepBatch,
     read: KvRead,
     /// The pool slot of every position of every sequence, sequence after sequence: the
     /// gather's row ids. Built on first use.
@@ -365,16 +522,10 @@ pub(crate) struct PagedView<'a> {
 }
 
 impl<'a> PagedView<'a> {
-    fn new(
-        pools: &'a mut [LayerPool],
-        layout: &'a PagedLayout,
-        batch: &'a StepBatch,
-        read: KvRead,
-    ) -> Self {
+    pub(crate) fn new(pools: &'a mut [LayerPool], layout: &'a PagedLayout, read: KvRead) -> Self {
         Self {
             pools,
             layout,
-            batch,
             read,
             gather: None,
         }
@@ -408,15 +559,14 @@ impl<'a> PagedView<'a> {
     }
 
     fn gather_ids(&mut self) -> &[u32] {
-        let (batch, bs) = (self.batch, self.layout.block_size());
+        let l = self.layout;
         self.gather.get_or_insert_with(|| {
+            let (bs, width) = (l.block_size(), l.max_blocks());
             let mut ids = Vec::new();
-            for s in &batch.seqs {
-                // The layout was built from these tables, so every position has a block.
-                ids.extend(
-                    (0..s.start + s.len)
-                        .map(|p| s.block_table[p / bs] * bs as u32 + (p % bs) as u32),
-                );
+            for (b, &kv_len) in l.kv_lens().iter().enumerate() {
+                // The layout checked that every position of a sequence has a block.
+                let table = &l.block_tables()[b * width..(b + 1) * width];
+                ids.extend((0..kv_len).map(|p| (table[p / bs] as usize * bs + p % bs) as u32));
             }
             ids
         })
@@ -656,7 +806,7 @@ mod tests {
         assert_eq!(layout.slots().as_slice(), &[8, 9, 2, 7]);
         assert_eq!(layout.kv_lens(), &[3, 6]);
         let mut pools = Vec::new();
-        let mut view = PagedView::new(&mut pools, &layout, &b, KvRead::Gather);
+        let mut view = PagedView::new(&mut pools, &layout, KvRead::Gather);
         assert_eq!(view.gather_ids(), &[8, 9, 2, 0, 1, 4, 5, 6, 7]);
     }
 
@@ -693,7 +843,7 @@ mod tests {
             block_size: 2,
         };
         let layout = step_layout(&step1).unwrap();
-        let (k, v) = PagedView::new(&mut pools, &layout, &step1, KvRead::Gather)
+        let (k, v) = PagedView::new(&mut pools, &layout, KvRead::Gather)
             .append(0, &layout.packed(), &rows(8, 0.0), &rows(8, 100.0))
             .unwrap();
         assert_eq!(
@@ -722,7 +872,7 @@ mod tests {
             block_size: 2,
         };
         let layout = step_layout(&step2).unwrap();
-        let (k, _) = PagedView::new(&mut pools, &layout, &step2, KvRead::Gather)
+        let (k, _) = PagedView::new(&mut pools, &layout, KvRead::Gather)
             .append(0, &layout.packed(), &rows(2, 50.0), &rows(2, 150.0))
             .unwrap();
         let k = k.to_vec().unwrap();
@@ -734,12 +884,12 @@ mod tests {
 
         let mut wrong = layout.packed();
         wrong.kv_starts = vec![0, 2, 4];
-        let e = PagedView::new(&mut pools, &layout, &step2, KvRead::Gather)
+        let e = PagedView::new(&mut pools, &layout, KvRead::Gather)
             .append(0, &wrong, &rows(2, 0.0), &rows(2, 0.0))
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not describe"), "{e}");
-        let e = PagedView::new(&mut pools, &layout, &step2, KvRead::Gather)
+        let e = PagedView::new(&mut pools, &layout, KvRead::Gather)
             .append(3, &layout.packed(), &rows(2, 0.0), &rows(2, 0.0))
             .unwrap_err()
             .to_string();
@@ -774,12 +924,12 @@ mod tests {
         let q = Tensor::from_vec(rand(4 * h * d), &[4, h, d]).unwrap();
         let k = Tensor::from_vec(rand(4 * hkv * d), &[4, hkv, d]).unwrap();
         let v = Tensor::from_vec(rand(4 * hkv * d), &[4, hkv, d]).unwrap();
-        let mut view = PagedView::new(&mut pools, &layout, &b, KvRead::InPlace);
+        let mut view = PagedView::new(&mut pools, &layout, KvRead::InPlace);
         assert!(view.attends_in_place());
         let paged = view
             .attend(0, &layout.packed(), &q, &k, &v, &params)
             .unwrap();
-        let (kg, vg) = PagedView::new(&mut pools, &layout, &b, KvRead::Gather)
+        let (kg, vg) = PagedView::new(&mut pools, &layout, KvRead::Gather)
             .append(0, &layout.packed(), &k, &v)
             .unwrap();
         let packed = ops::attention(&q, &kg, &vg, &layout.packed(), &params).unwrap();

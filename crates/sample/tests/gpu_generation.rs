@@ -124,13 +124,23 @@ fn gpu() -> Device {
     Device::Cuda(n)
 }
 
-/// Both ways the layers read the pools: the paged kernels in place, and gathered copies
-/// for the model's packed attention.
-const READS: [KvRead; 2] = [KvRead::InPlace, KvRead::Gather];
+/// How a GPU run executes: the paged kernels reading the pools in place, with decode steps
+/// replayed as CUDA graphs or run eagerly, and gathered copies for the model's packed
+/// attention (eager).
+const READS: [(KvRead, bool); 3] = [
+    (KvRead::InPlace, true),
+    (KvRead::InPlace, false),
+    (KvRead::Gather, false),
+];
 
 /// Greedy generation of every case of `name` on `device` under `setup`: the output ids of
 /// each case, in case order.
-fn generate(name: &str, device: Device, setup: &Setup, read: KvRead) -> Vec<Vec<u32>> {
+fn generate(
+    name: &str,
+    device: Device,
+    setup: &Setup,
+    (read, graphs): (KvRead, bool),
+) -> Vec<Vec<u32>> {
     let dir = testkit::fixture(format!("models/{name}"));
     let tokenizer = Arc::new(Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
     let cases = greedy_cases(name);
@@ -138,6 +148,7 @@ fn generate(name: &str, device: Device, setup: &Setup, read: KvRead) -> Vec<Vec<
     let model = Model::load(&dir, device).unwrap_or_else(|e| panic!("{name} on {device}: {e}"));
     let mut runner = PagedRunner::new(model, setup.block_size, setup.num_blocks, None).unwrap();
     runner.set_kv_read(read);
+    runner.set_cuda_graphs(graphs).unwrap();
     let mut engine = Engine::new(runner, setup.config).unwrap();
     for (i, case) in cases.iter().enumerate() {
         let new = new_sequence(&params, &tokenizer, case, i);
@@ -155,6 +166,14 @@ fn generate(name: &str, device: Device, setup: &Setup, read: KvRead) -> Vec<Vec<
         );
     }
     assert_eq!(engine.num_free_blocks(), setup.num_blocks);
+    // Greedy decoding after the prompts: graphs, when on, ran decode steps.
+    let times = engine.model().times();
+    assert_eq!(
+        times.graph_steps > 0,
+        graphs && device != Device::Cpu,
+        "{name}, {}: {times:?}",
+        setup.what
+    );
     let mut out = vec![Vec::new(); cases.len()];
     for f in done {
         assert_eq!(f.seq.finish().unwrap().reason.as_str(), "length");
@@ -170,7 +189,12 @@ fn paged_runner_on_the_cpu_matches_hf_greedy_on_every_fixture_model() {
         let cases = greedy_cases(name);
         let threshold = margin_threshold(name);
         println!("{name}: agreement required up to the first HF margin below {threshold:.4}");
-        for (setup, read) in SETUPS.iter().flat_map(|s| READS.map(|r| (s, r))) {
+        // CUDA graphs do not exist on the CPU: the eager configurations only.
+        let reads = READS.iter().filter(|r| !r.1);
+        for (setup, &read) in SETUPS
+            .iter()
+            .flat_map(|s| reads.clone().map(move |r| (s, r)))
+        {
             for (i, got) in generate(name, Device::Cpu, setup, read).iter().enumerate() {
                 if got != &cases[i].output {
                     failures.push(format!(
@@ -332,7 +356,7 @@ fn cuda_paged_step_logits_match_a_contiguous_forward() {
     let runs = ["gemma2-tiny", "qwen2-tiny"]
         .into_iter()
         .flat_map(|n| READS.map(|r| (n, r)));
-    for (name, read) in runs {
+    for (name, (read, graphs)) in runs {
         let dir = testkit::fixture(format!("models/{name}"));
         let gpu_model = Model::load(&dir, gpu()).unwrap();
         let cpu_model = Model::load(&dir, Device::Cpu).unwrap();
@@ -359,6 +383,7 @@ fn cuda_paged_step_logits_match_a_contiguous_forward() {
         }
         let mut runner = PagedRunner::new(gpu_model.clone(), block_size, num_blocks, None).unwrap();
         runner.set_kv_read(read);
+        runner.set_cuda_graphs(graphs).unwrap();
         // Chunked prefill (7 tokens, then up to 13 more), then 12 decode steps.
         let mut plan: Vec<Vec<usize>> = vec![vec![7; 3]];
         plan.push(
@@ -380,12 +405,15 @@ fn cuda_paged_step_logits_match_a_contiguous_forward() {
             let scale = max_abs(&want_cpu);
             let (dg, dc) = (max_diff(&got, &want_gpu), max_diff(&got, &want_cpu));
             println!(
-                "{name} {read:?} step {k}: lens {lens:?}: max |paged − contiguous| {dg:.4} (GPU), {dc:.4} \
+                "{name} {read:?} graphs {graphs} step {k}: lens {lens:?}: max |paged − contiguous| {dg:.4} (GPU), {dc:.4} \
                  (CPU f32); max |logit| {scale:.2}"
             );
             worst_gpu = worst_gpu.max(dg / (1.0 + scale));
             worst_cpu = worst_cpu.max(dc / (1.0 + scale));
         }
+        // The 12 decode steps (and only they) ran as graph launches when graphs were on.
+        let graph_steps = runner.times().graph_steps;
+        assert_eq!(graph_steps, if graphs { 12 } else { 0 }, "{name}");
         // Both GPU paths round to bf16 at the same places; they differ by accumulation
         // order (paged kernels vs the packed flash kernel, chunked vs whole GEMMs).
         assert!(

@@ -6,10 +6,13 @@
 //! context: errors naming the row, before any model work) → open the output and skip the
 //! samples an earlier run finished → generate with the sample crate's engine (paged KV
 //! cache, continuous batching, chunked prefill), appending each row as its sequence
-//! finishes. Ctrl-C stops after the current step; what finished is on disk, and the same
-//! command continues.
+//! finishes → for `--out FILE.parquet`, convert the rows (appended meanwhile to a JSON Lines
+//! sidecar, see `output.rs`) into the parquet file. Ctrl-C stops after the current step;
+//! what finished is on disk, and the same command continues.
 
 mod input;
+mod output;
+mod parquet_rows;
 mod settings;
 
 use std::collections::HashMap;
@@ -29,6 +32,7 @@ use sample::{
 };
 
 use input::{InputRow, Prompt};
+use output::{Opened, Output};
 use settings::SamplingFlags;
 
 const AFTER_HELP: &str = "\
@@ -42,12 +46,15 @@ Input (--data):
   0-based row index) must be unique. A row's own \"max_tokens\" (a positive integer field or
   column) overrides --max-tokens for that row.
 
-Output (--out, JSON Lines, appended as completions finish, in finishing order): per
-  completion id, sample_index, the input row's fields, prompt, prompt_token_count, text,
+Output (--out FILE.jsonl: JSON Lines, appended as completions finish, in finishing order):
+  per completion id, sample_index, the input row's fields, prompt, prompt_token_count, text,
   token_ids, finish_reason (stop/length), stop_reason (the stop token id or string, or null),
   cumulative_logprob; with --logprobs N token_logprobs (raw model log-probs), with N > 0
   top_logprobs, and ref_logps when prompt + text re-tokenize (TRL-style, EOS appended) to
   exactly the sampled tokens. Run the same command again to continue an interrupted run.
+  --out FILE.parquet: the same columns, typed (stop_reason as struct<token_id, string>),
+  written when every row is done; until then rows go to FILE.parquet.partial.jsonl, which
+  a re-run continues.
 
 Prompts longer than the model's context are an error (listing them), not skipped.
 See docs/sample.md for the semantics (vLLM's).";
@@ -62,7 +69,8 @@ pub struct Args {
     /// Input rows: a file or save_to_disk folder, optionally with a column mapping.
     #[arg(long, value_name = "SPEC")]
     data: String,
-    /// Output samples (JSON Lines). An existing file is resumed, never overwritten.
+    /// Output samples: FILE.jsonl (JSON Lines) or FILE.parquet. An unfinished output is
+    /// resumed, never overwritten.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// Prompt template for dataset rows: korean (the reference workflow's), alpaca, chatml,
@@ -113,14 +121,7 @@ pub fn run(args: Args) -> Result<()> {
             anyhow::anyhow!("--device {device}: {e} (--device cpu runs without a GPU)")
         })?;
     }
-    let ext = args.out.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext.eq_ignore_ascii_case("parquet") {
-        bail!(
-            "--out {}: parquet output is not available yet; write .jsonl (prefer pairs and \
-             the data ingest read it)",
-            args.out.display()
-        );
-    }
+    let output = Output::from_arg(&args.out)?;
     if let Some(gib) = args.kv_cache_memory
         && !(gib > 0.0 && gib.is_finite())
     {
@@ -161,31 +162,40 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or(0);
 
     // What is left to do.
-    let (mut out, resume) = SamplesFile::open(&args.out)?;
-    let mut todo = Vec::new();
-    for (r, row) in input.rows.iter().enumerate() {
-        for k in 0..params.n {
-            let key = SampleKey {
+    let wanted: Vec<SampleKey> = input
+        .rows
+        .iter()
+        .flat_map(|row| {
+            (0..params.n).map(|k| SampleKey {
                 id: row.id.clone(),
                 sample_index: k,
-            };
-            if !resume.done.contains(&key) {
-                todo.push((r, k));
-            }
-        }
-    }
-    let total = input.rows.len() * params.n as usize;
+            })
+        })
+        .collect();
+    let (mut out, resume) = match output.open(&wanted)? {
+        Opened::Finished => return Ok(()),
+        Opened::Appending(file, resume) => (file, resume),
+    };
+    let n = params.n as usize;
+    let todo: Vec<(usize, u32)> = wanted
+        .iter()
+        .enumerate()
+        .filter(|(_, key)| !resume.done.contains(key))
+        .map(|(i, key)| (i / n, key.sample_index))
+        .collect();
+    drop(wanted);
+    let total = input.rows.len() * n;
     if resume.rows > 0 {
         eprintln!(
             "resuming {}: {} of {total} samples already there, {} to go",
-            args.out.display(),
+            out.path().display(),
             total - todo.len(),
             todo.len()
         );
     }
     if todo.is_empty() {
-        eprintln!("nothing to do: every sample is in {}", args.out.display());
-        return Ok(());
+        eprintln!("nothing to do: every sample is in {}", out.path().display());
+        return output.finish(out);
     }
 
     let model = Model::load(&args.model, device).with_context(|| {
@@ -297,10 +307,11 @@ pub fn run(args: Args) -> Result<()> {
     if interrupted.load(Ordering::SeqCst) {
         bar.abandon();
         bail!(
-            "interrupted: {} rows written to {} ({} in flight were dropped); run the same \
+            "interrupted: {} rows written to {}{} ({} in flight were dropped); run the same \
              command again to continue",
             out.written(),
-            args.out.display(),
+            out.path().display(),
+            output.pending_note(),
             engine.num_unfinished()
         );
     }
@@ -308,12 +319,12 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!(
         "wrote {} rows to {}: {} tokens in {secs:.1} s ({:.0} tokens/s), {} preemptions",
         out.written(),
-        args.out.display(),
+        out.path().display(),
         stats.generated_tokens,
         stats.generated_tokens as f64 / secs.max(1e-9),
         stats.preemptions
     );
-    Ok(())
+    output.finish(out)
 }
 
 fn sampling_params(flags: &SamplingFlags) -> Result<ValidParams> {

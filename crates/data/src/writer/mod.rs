@@ -10,8 +10,12 @@
 //!
 //! Everything is written into a hidden sibling folder first and renamed into place when
 //! complete ([`staging`]): a crash or an error leaves no folder that looks finished.
+//!
+//! [`json_parquet`] is a separate, generic writer: JSON rows → one typed parquet file
+//! (`prefer sample --out FILE.parquet` uses it; the pair folder does not).
 
 mod card;
+pub mod json_parquet;
 mod jsonl;
 mod parquet_out;
 pub mod staging;

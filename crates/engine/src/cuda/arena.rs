@@ -9,6 +9,12 @@
 //! and served by the smallest cached block that fits and wastes at most a quarter of itself.
 //! When the driver reports out-of-memory, every cached block is returned and the allocation
 //! retried once.
+//!
+//! While a CUDA graph is being captured, allocations come from a [`GraphPool`] instead: a
+//! captured graph keeps the addresses it was recorded with, so its memory must never be handed
+//! to anyone else (or back to the driver) while the graph may still be replayed. The pool's
+//! blocks return to the arena's cache only when the pool (and every graph holding it) is
+//! dropped. Graphs that share one pool must never run concurrently (one stream: they don't).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,10 +39,64 @@ pub struct MemoryStats {
     pub driver_allocs: usize,
 }
 
+/// Cached blocks by size.
+type FreeList = BTreeMap<usize, Vec<sys::CUdeviceptr>>;
+
 #[derive(Default)]
 struct Pool {
-    free: BTreeMap<usize, Vec<sys::CUdeviceptr>>,
+    free: FreeList,
     stats: MemoryStats,
+    /// Where allocations go while a graph is being captured.
+    capture: Option<Arc<GraphPool>>,
+}
+
+/// The smallest cached block that fits `size` and wastes at most a quarter of itself,
+/// removed from `free`: (its size, its address).
+fn take_fit(free: &mut FreeList, size: usize) -> Option<(usize, sys::CUdeviceptr)> {
+    let s = free
+        .range(size..=size + size / 3)
+        .find(|(_, v)| !v.is_empty())
+        .map(|(&s, _)| s)?;
+    let list = free.get_mut(&s)?;
+    let ptr = list.pop()?;
+    if list.is_empty() {
+        free.remove(&s);
+    }
+    Some((s, ptr))
+}
+
+/// Device memory private to captured graphs (see the module doc). Its blocks count as live
+/// in the arena's stats for as long as the pool holds them.
+pub struct GraphPool {
+    arena: Arc<Arena>,
+    free: Mutex<FreeList>,
+}
+
+impl GraphPool {
+    pub(crate) fn new(arena: Arc<Arena>) -> Arc<GraphPool> {
+        Arc::new(GraphPool {
+            arena,
+            free: Mutex::new(FreeList::new()),
+        })
+    }
+
+    fn lock_free(&self) -> MutexGuard<'_, FreeList> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for GraphPool {
+    fn drop(&mut self) {
+        // Every block of the pool is free now (a live buffer would hold the pool): hand
+        // them to the arena's cache.
+        let blocks = std::mem::take(&mut *self.lock_free());
+        let mut pool = self.arena.lock();
+        for (size, ptrs) in blocks {
+            pool.stats.live -= size * ptrs.len();
+            pool.stats.cached += size * ptrs.len();
+            pool.free.entry(size).or_default().extend(ptrs);
+        }
+    }
 }
 
 pub struct Arena {
@@ -49,6 +109,8 @@ pub struct DeviceBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
     arena: Arc<Arena>,
+    /// The graph pool the block belongs to, if it was allocated during a capture.
+    graph: Option<Arc<GraphPool>>,
 }
 
 impl std::fmt::Debug for DeviceBuffer {
@@ -71,7 +133,16 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        if self.bytes > 0 {
+        if self.bytes == 0 {
+            return;
+        }
+        if let Some(graph) = &self.graph {
+            graph
+                .lock_free()
+                .entry(self.bytes)
+                .or_default()
+                .push(self.ptr);
+        } else {
             let mut pool = self.arena.lock();
             pool.stats.live -= self.bytes;
             pool.stats.cached += self.bytes;
@@ -101,37 +172,33 @@ impl Arena {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `bytes` of uninitialised device memory.
+    /// `bytes` of uninitialised device memory (from the capturing graph's pool during a
+    /// capture).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> CudaResult<DeviceBuffer> {
+        let buffer = |ptr, bytes, graph| DeviceBuffer {
+            ptr,
+            bytes,
+            arena: self.clone(),
+            graph,
+        };
         if bytes == 0 {
-            return Ok(DeviceBuffer {
-                ptr: 0,
-                bytes: 0,
-                arena: self.clone(),
-            });
+            return Ok(buffer(0, 0, None));
         }
         let size = round_size(bytes);
         let mut pool = self.lock();
-        // Smallest cached block that fits and wastes at most a quarter of itself.
-        let hit = pool
-            .free
-            .range(size..=size + size / 3)
-            .find(|(_, v)| !v.is_empty())
-            .map(|(&s, _)| s);
-        if let Some(s) = hit {
-            let list = pool.free.get_mut(&s).expect("the key was just found");
-            let ptr = list.pop().expect("the list was just checked non-empty");
-            if list.is_empty() {
-                pool.free.remove(&s);
-            }
+        let graph = pool.capture.clone();
+        let reuse = graph
+            .as_ref()
+            .and_then(|g| take_fit(&mut g.lock_free(), size));
+        if let Some((s, ptr)) = reuse {
+            return Ok(buffer(ptr, s, graph));
+        }
+        if let Some((s, ptr)) = take_fit(&mut pool.free, size) {
+            // A cached block; during a capture it moves to the graph's pool for good.
             pool.stats.cached -= s;
             pool.stats.live += s;
             pool.stats.peak_live = pool.stats.peak_live.max(pool.stats.live);
-            return Ok(DeviceBuffer {
-                ptr,
-                bytes: s,
-                arena: self.clone(),
-            });
+            return Ok(buffer(ptr, s, graph));
         }
         let ptr = match self.driver_alloc(size) {
             Ok(p) => p,
@@ -153,11 +220,12 @@ impl Arena {
             .stats
             .peak_reserved
             .max(pool.stats.live + pool.stats.cached);
-        Ok(DeviceBuffer {
-            ptr,
-            bytes: size,
-            arena: self.clone(),
-        })
+        Ok(buffer(ptr, size, graph))
+    }
+
+    /// Routes allocations to `graph` (a capture begins) or back to the arena (it ends).
+    pub(crate) fn set_capture(&self, graph: Option<Arc<GraphPool>>) {
+        self.lock().capture = graph;
     }
 
     fn driver_alloc(&self, size: usize) -> Result<sys::CUdeviceptr, result::DriverError> {

@@ -7,11 +7,14 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, result, sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError, result, sys,
+};
 
-use super::arena::{Arena, DeviceBuffer, MemoryStats};
+use super::arena::{Arena, DeviceBuffer, GraphPool, MemoryStats};
 use super::blas::{Blas, Gemm};
 use super::cache::KernelCache;
 use super::error::{CudaError, CudaResult};
@@ -43,6 +46,9 @@ pub struct CudaBackend {
     // the arena and the stream they use.
     blas: Mutex<Blas>,
     _blas_workspace: DeviceBuffer,
+    /// Set while the stream is being captured into a graph: host copies and waits are
+    /// refused then (a captured copy would re-read host memory at every replay).
+    capturing: AtomicBool,
     arena: Arc<Arena>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
@@ -130,6 +136,7 @@ impl CudaBackend {
             kernels: Mutex::new(HashMap::new()),
             blas: Mutex::new(blas),
             _blas_workspace: workspace,
+            capturing: AtomicBool::new(false),
             arena,
             stream,
             ctx,
@@ -169,6 +176,7 @@ impl CudaBackend {
 
     /// Waits until every queued op has run; reports any error a kernel raised meanwhile.
     pub fn synchronize(&self) -> CudaResult<()> {
+        self.refuse_in_capture("a wait for the stream")?;
         self.stream
             .synchronize()
             .map_err(driver_err("cuStreamSynchronize", self.ordinal))
@@ -231,6 +239,7 @@ impl CudaBackend {
         if bytes == 0 {
             return Ok(());
         }
+        self.refuse_in_capture("a host-to-device copy")?;
         self.bind()?;
         // SAFETY: the destination holds at least `bytes`; the source is a live slice.
         unsafe { result::memcpy_htod_async(buf.ptr(), data, self.stream.cu_stream()) }
@@ -248,6 +257,7 @@ impl CudaBackend {
         if bytes == 0 {
             return Ok(());
         }
+        self.refuse_in_capture("a device-to-host copy")?;
         self.bind()?;
         // SAFETY: the source holds at least `bytes`; `out` stays borrowed until the
         // synchronize below has completed the copy.
@@ -373,6 +383,89 @@ impl CudaBackend {
         let mut blas = lock(&self.blas);
         // SAFETY: forwarded from the caller's contract; the stream belongs to this context.
         unsafe { blas.gemm(g, self.stream.cu_stream() as _) }
+    }
+
+    /// A new pool for the memory of captured graphs; graphs that never run at the same time
+    /// (all of one backend: one stream) can share one.
+    pub fn graph_pool(&self) -> Arc<GraphPool> {
+        GraphPool::new(self.arena.clone())
+    }
+
+    /// Records the work `f` queues into a CUDA graph instead of running it, allocating from
+    /// `pool`, and returns the graph with `f`'s result (device tensors `f` returns live in
+    /// `pool`; each [`Graph::launch`] rewrites them).
+    ///
+    /// `f` must queue only kernels, GEMMs and device-side copies: host copies and stream waits
+    /// fail inside a capture (they would be baked into the graph), and so does `f` then. Every
+    /// kernel argument is frozen at capture, so what varies between launches must be read by
+    /// the kernels from device memory that the caller rewrites before each launch.
+    pub fn capture<T, E: From<CudaError>>(
+        &self,
+        pool: &Arc<GraphPool>,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<(Graph, T), E> {
+        let err = |call| driver_err(call, self.ordinal);
+        self.refuse_in_capture("a nested capture")?;
+        // Relaxed: allocating device memory (the pool growing) is allowed meanwhile.
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(err("cuStreamBeginCapture"))?;
+        self.capturing.store(true, Ordering::SeqCst);
+        self.arena.set_capture(Some(pool.clone()));
+        let out = f();
+        self.arena.set_capture(None);
+        self.capturing.store(false, Ordering::SeqCst);
+        // End the capture whatever `f` returned, so the stream is usable again.
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(err("cuStreamEndCapture"));
+        let out = out?;
+        let graph = graph?.ok_or_else(|| CudaError::Device {
+            ordinal: self.ordinal,
+            msg: "the stream capture returned no graph".into(),
+        })?;
+        Ok((
+            Graph {
+                graph,
+                _pool: pool.clone(),
+                ordinal: self.ordinal,
+            },
+            out,
+        ))
+    }
+
+    fn refuse_in_capture(&self, what: &str) -> CudaResult<()> {
+        if self.capturing.load(Ordering::SeqCst) {
+            return Err(CudaError::Device {
+                ordinal: self.ordinal,
+                msg: format!("{what} cannot be captured into a CUDA graph"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A captured CUDA graph (see [`CudaBackend::capture`]), replayed on its backend's stream.
+pub struct Graph {
+    graph: CudaGraph,
+    /// The memory the graph's kernels use: it must outlive the graph.
+    _pool: Arc<GraphPool>,
+    ordinal: usize,
+}
+
+impl Graph {
+    /// Queues one replay of the graph.
+    pub fn launch(&self) -> CudaResult<()> {
+        self.graph
+            .launch()
+            .map_err(driver_err("cuGraphLaunch", self.ordinal))
+    }
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Graph(cuda:{})", self.ordinal)
     }
 }
 

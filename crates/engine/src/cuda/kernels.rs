@@ -5,9 +5,15 @@
 
 use super::nvrtc::Arch;
 
-/// In-memory headers every module may `#include`.
-pub(crate) const HEADERS: &[(&str, &str)] =
-    &[("common.cuh", include_str!("../../kernels/common.cuh"))];
+/// In-memory headers every module may `#include` (each is part of every module's cache key).
+pub(crate) const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    // The tensor-core attention loop of attention.cu and paged_attention.cu.
+    (
+        "attention_tile.cuh",
+        include_str!("../../kernels/attention_tile.cuh"),
+    ),
+];
 
 /// A CUDA module: one `kernels/<name>.cu` file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,7 +94,7 @@ impl Module {
             ],
             Module::Logprobs => &["logprob_init", "logprob_chunk", "logprob_finish"],
             Module::PagedAttention => super::ops::paged_attention::KERNELS,
-            Module::TopK => &["top_k_candidates_f32"],
+            Module::TopK => &["top_k_candidates_f32", "logits_at_least_f32"],
         }
     }
 }

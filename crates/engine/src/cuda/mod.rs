@@ -20,6 +20,7 @@
 mod arena;
 mod blas;
 mod cache;
+pub(crate) mod copies;
 mod device;
 mod error;
 mod kernels;
@@ -31,9 +32,9 @@ pub(crate) mod storage;
 use std::path::PathBuf;
 use std::time::Instant;
 
-pub use arena::MemoryStats;
+pub use arena::{DeviceBuffer, GraphPool, MemoryStats};
 pub use cache::{KernelCache, Origin, default_dir};
-pub use device::CudaBackend;
+pub use device::{CudaBackend, Graph};
 pub use error::CudaError;
 pub use kernels::Module;
 pub use libs::Library;

@@ -1,6 +1,6 @@
 //! Token embedding lookup.
 use crate::cuda::ops as cuda_ops;
-use crate::{EngineError, Result, Tensor};
+use crate::{EngineError, Indices, Result, Tensor};
 
 /// table: [V, C], ids: [T] → [T, C], each row multiplied by `scale` (Gemma: sqrt(C); else 1).
 /// An id ≥ V is an [`crate::EngineError::Index`] error.
@@ -8,9 +8,22 @@ use crate::{EngineError, Result, Tensor};
 /// HF computes Gemma's scale in the model dtype; a caller matching a bf16 model passes the
 /// bf16-rounded value.
 pub fn embedding(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
+    if table.device() != crate::Device::Cpu {
+        return embedding_indices(table, &Indices::from(ids), scale);
+    }
+    embedding_cpu(table, ids, scale)
+}
+
+/// [`embedding`] with ids whose device copy may already be on the table's GPU (staged, or
+/// shared by several calls).
+pub fn embedding_indices(table: &Tensor, ids: &Indices, scale: f32) -> Result<Tensor> {
     if let Some(gpu) = cuda_ops::device_of("embedding", &[("table", table)])? {
         return cuda_ops::embedding::embedding(&gpu, table, ids, scale);
     }
+    embedding_cpu(table, ids, scale)
+}
+
+fn embedding_cpu(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
     const OP: &str = "embedding";
     let [v, c] = table.dims(OP, "table: [V, C]")?;
     let table = table.as_slice()?;

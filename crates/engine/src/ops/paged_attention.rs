@@ -39,8 +39,8 @@
 //! ```
 
 use super::attention::{AttentionOut, AttentionParams, SeqLayout, attention};
+use crate::cuda::copies::DeviceCopies;
 use crate::cuda::ops as cuda_ops;
-use crate::cuda::ops::paged_attention::DeviceCopies;
 use crate::{Device, EngineError, Result, Tensor};
 
 /// The pool slot of each new token (−1: skip the token), checked to be unique.
@@ -151,6 +151,27 @@ impl PagedLayout {
         block_tables: Vec<i32>,
         max_blocks: usize,
     ) -> Result<PagedLayout> {
+        let batch = kv_lens.len();
+        Self::with_padding(
+            block_size,
+            q_starts,
+            kv_lens,
+            block_tables,
+            max_blocks,
+            batch,
+        )
+    }
+
+    /// [`PagedLayout::new`] where sequences `real..B` are padding: their new tokens get slot
+    /// −1 (nothing is written) and their outputs are to be ignored.
+    fn with_padding(
+        block_size: usize,
+        q_starts: Vec<usize>,
+        kv_lens: Vec<usize>,
+        block_tables: Vec<i32>,
+        max_blocks: usize,
+        real: usize,
+    ) -> Result<PagedLayout> {
         const OP: &str = "paged layout";
         let arg = |msg: String| Err(EngineError::Arg { op: OP, msg });
         if block_size == 0 {
@@ -222,6 +243,10 @@ impl PagedLayout {
         for b in 0..batch {
             let q_len = q_starts[b + 1] - q_starts[b];
             for pos in kv_lens[b] - q_len..kv_lens[b] {
+                if b >= real {
+                    slots.push(-1);
+                    continue;
+                }
                 let id = block_tables[b * max_blocks + pos / block_size] as usize;
                 slots.push((id * block_size + pos % block_size) as i32);
             }
@@ -283,6 +308,70 @@ impl PagedLayout {
             kv_lens.to_vec(),
             flat,
             max_blocks,
+        )
+    }
+
+    /// A decode step (one new token per sequence) shaped for a captured CUDA graph: the
+    /// sequences' contexts `kv_lens` and block `tables`, then padding up to `batch` rows, the
+    /// tables padded with −1 to `max_blocks` columns. A padding row has a context of
+    /// `pad_kv_len` positions all in block 0 (read, never written: its slot is −1), so its
+    /// output is garbage to be ignored. A graph is captured with a layout of padding rows
+    /// only at the longest context it serves (the kernels' grids are sized then), and
+    /// replayed with the real step's layout of the same `batch` and `max_blocks`.
+    pub fn decode_padded<T: AsRef<[u32]>>(
+        block_size: usize,
+        kv_lens: &[usize],
+        tables: &[T],
+        batch: usize,
+        max_blocks: usize,
+        pad_kv_len: usize,
+    ) -> Result<PagedLayout> {
+        const OP: &str = "paged layout";
+        let real = kv_lens.len();
+        if tables.len() != real || batch < real || pad_kv_len == 0 {
+            return Err(EngineError::Arg {
+                op: OP,
+                msg: format!(
+                    "{} tables for {real} sequences padded to {batch} rows with contexts of \
+                     {pad_kv_len}: expected one table per sequence, rows ≥ sequences and a \
+                     context ≥ 1",
+                    tables.len()
+                ),
+            });
+        }
+        let mut flat = vec![0i32; batch * max_blocks];
+        for (b, t) in tables.iter().enumerate() {
+            let t = t.as_ref();
+            if t.len() > max_blocks {
+                return Err(EngineError::Arg {
+                    op: OP,
+                    msg: format!(
+                        "sequence {b} has {} blocks, the padded table {max_blocks} columns",
+                        t.len()
+                    ),
+                });
+            }
+            let row = &mut flat[b * max_blocks..(b + 1) * max_blocks];
+            row.fill(-1);
+            for (j, &id) in t.iter().enumerate() {
+                row[j] = i32::try_from(id).map_err(|_| EngineError::Arg {
+                    op: OP,
+                    msg: format!("sequence {b}: block id {id} exceeds the kernels' 32-bit range"),
+                })?;
+            }
+        }
+        let kv_lens: Vec<usize> = kv_lens
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(pad_kv_len, batch - real))
+            .collect();
+        PagedLayout::with_padding(
+            block_size,
+            (0..=batch).collect(),
+            kv_lens,
+            flat,
+            max_blocks,
+            real,
         )
     }
 
@@ -349,6 +438,24 @@ impl PagedLayout {
 
     pub(crate) fn flat(&self) -> &[i32] {
         &self.flat
+    }
+}
+
+impl crate::Staged for SlotMapping {
+    fn write_words(&self, out: &mut Vec<u32>) {
+        out.extend(self.slots.iter().map(|&s| s as u32));
+    }
+    fn copies(&self) -> &DeviceCopies {
+        &self.device
+    }
+}
+
+impl crate::Staged for PagedLayout {
+    fn write_words(&self, out: &mut Vec<u32>) {
+        out.extend(self.flat.iter().map(|&s| s as u32));
+    }
+    fn copies(&self) -> &DeviceCopies {
+        &self.device
     }
 }
 
@@ -592,6 +699,60 @@ pub fn paged_attention_with(
 mod tests {
     use super::*;
     use crate::test_util::Rng;
+
+    #[test]
+    fn decode_padded_layouts_pad_rows_that_write_nothing() {
+        // Two sequences (contexts 5 and 2, blocks of 4) padded to 4 rows and 3 columns.
+        let tables: [&[u32]; 2] = [&[7, 2], &[4]];
+        let l = PagedLayout::decode_padded(4, &[5, 2], &tables, 4, 3, 1).unwrap();
+        assert_eq!(l.q_starts(), &[0, 1, 2, 3, 4]);
+        assert_eq!(l.kv_lens(), &[5, 2, 1, 1]);
+        assert_eq!(l.block_tables(), &[7, 2, -1, 4, -1, -1, 0, 0, 0, 0, 0, 0]);
+        // Position 4 of sequence 0 is slot 2·4 + 0; position 1 of sequence 1 is 4·4 + 1;
+        // padding rows are skipped.
+        assert_eq!(l.slots().as_slice(), &[8, 17, -1, -1]);
+        // The same arrays as the kernels read them, staged as 32-bit words.
+        let mut words = Vec::new();
+        crate::Staged::write_words(&l, &mut words);
+        assert_eq!(words.len(), 5 + 4 + 12);
+        assert_eq!(&words[5..9], &[5, 2, 1, 1]);
+        // A capture layout: padding rows only, at the longest context of 3 blocks.
+        let none: &[&[u32]] = &[];
+        let cap = PagedLayout::decode_padded(4, &[], none, 2, 3, 12).unwrap();
+        assert_eq!(cap.kv_lens(), &[12, 12]);
+        assert_eq!(cap.slots().as_slice(), &[-1, -1]);
+        // Padded layouts attend like any other on the CPU: the real rows are unchanged.
+        let (k_pool, v_pool) = (
+            Tensor::from_vec(
+                (0..8 * 4 * 2).map(|i| (i % 7) as f32).collect(),
+                &[8, 4, 1, 2],
+            )
+            .unwrap(),
+            Tensor::from_vec(
+                (0..8 * 4 * 2).map(|i| (i % 5) as f32).collect(),
+                &[8, 4, 1, 2],
+            )
+            .unwrap(),
+        );
+        let q = Tensor::from_vec((0..8).map(|i| i as f32 * 0.1).collect(), &[4, 1, 2]).unwrap();
+        let params = AttentionParams {
+            scale: 1.0,
+            window: None,
+            softcap: None,
+        };
+        let padded = paged_attention(&q, &k_pool, &v_pool, &l, &params).unwrap();
+        let plain = PagedLayout::from_tables(4, &[0, 1, 2], &[5, 2], &tables).unwrap();
+        let q2 = Tensor::from_vec(q.as_slice().unwrap()[..4].to_vec(), &[2, 1, 2]).unwrap();
+        let want = paged_attention(&q2, &k_pool, &v_pool, &plain, &params).unwrap();
+        assert_eq!(
+            &padded.out.as_slice().unwrap()[..4],
+            want.out.as_slice().unwrap()
+        );
+        // Bad shapes are errors, not panics.
+        assert!(PagedLayout::decode_padded(4, &[5, 2], &tables, 1, 3, 1).is_err());
+        assert!(PagedLayout::decode_padded(4, &[5, 2], &tables, 4, 1, 1).is_err());
+        assert!(PagedLayout::decode_padded(4, &[5, 2], &tables, 4, 3, 0).is_err());
+    }
 
     /// A random step over a paged cache, and the same keys and values packed.
     struct Case {

@@ -6,8 +6,9 @@
 //! where libm's `powf`/`cos`/`sin` and torch's vectorised ones round differently.
 use rayon::prelude::*;
 
+use crate::cuda::copies::DeviceCopies;
 use crate::cuda::ops as cuda_ops;
-use crate::{EngineError, Result, Tensor};
+use crate::{EngineError, Indices, Result, Tensor};
 
 /// `rope_scaling` / `rope_parameters` kinds.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,6 +32,8 @@ pub struct Rope {
     pub inv_freq: Vec<f32>, // [D / 2]
     /// Multiplies cos and sin (HF's `attention_scaling`; 1 for the kinds above).
     pub attention_scaling: f32,
+    /// `inv_freq` on each GPU that used it (uploaded once, not per layer).
+    pub(crate) device: DeviceCopies,
 }
 
 impl Rope {
@@ -63,6 +66,7 @@ impl Rope {
         Rope {
             inv_freq,
             attention_scaling: 1.0,
+            device: DeviceCopies::default(),
         }
     }
 }
@@ -170,7 +174,7 @@ pub fn rope_qkv_split(
     qkv: &Tensor,
     heads: usize,
     kv_heads: usize,
-    positions: &[u32],
+    positions: &Indices,
     rope_t: &Rope,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     if let Some(gpu) = cuda_ops::device_of("rope_qkv_split", &[("qkv", qkv)])? {
@@ -386,7 +390,7 @@ mod tests {
             &Tensor::from_vec(qkv.clone(), &[t, width]).unwrap(),
             h,
             hkv,
-            &positions,
+            &Indices::from(&positions[..]),
             &r,
         )
         .unwrap();
@@ -406,12 +410,12 @@ mod tests {
         // A width that is not (H + 2·Hkv)·D, and positions of the wrong length.
         let bad = Tensor::zeros(&[t, width + 1]);
         assert!(matches!(
-            rope_qkv_split(&bad, h, hkv, &positions, &r),
+            rope_qkv_split(&bad, h, hkv, &Indices::from(&positions[..]), &r),
             Err(EngineError::Shape { .. })
         ));
         let ok = Tensor::zeros(&[t, width]);
         assert!(matches!(
-            rope_qkv_split(&ok, h, hkv, &positions[..2], &r),
+            rope_qkv_split(&ok, h, hkv, &Indices::from(&positions[..2]), &r),
             Err(EngineError::Arg { .. })
         ));
     }

@@ -8,6 +8,11 @@
 //!
 //! The CPU reference sorts each row; the CUDA kernel (kernels/top_k.cu) does k block-wide
 //! argmax rounds. Both return host arrays: the result is small by design.
+//!
+//! [`top_k_candidates_queued`] splits the op in two: on a GPU it only queues the kernel (the
+//! host does not wait), and [`PendingTopK::fetch`] downloads the result later — as often as
+//! asked, so a CUDA graph that captured the launch can be replayed and fetched again. On the
+//! CPU the result is computed at once and `fetch` hands out copies of it.
 
 use rayon::prelude::*;
 
@@ -27,14 +32,64 @@ pub struct TopK {
     pub lse: Vec<f32>,    // [B]
 }
 
+/// A [`top_k_candidates`] result that may still be computing on the device.
+#[derive(Debug)]
+pub struct PendingTopK {
+    rows: usize,
+    k: usize,
+    state: Pending,
+}
+
+#[derive(Debug)]
+enum Pending {
+    /// Computed on the CPU already.
+    Host(TopK),
+    /// Queued on a GPU; its output buffer is owned here.
+    Device(cuda_ops::top_k::QueuedTopK),
+}
+
+impl PendingTopK {
+    /// B: the rows ranked.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Candidates per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The result, on the host. On a GPU this waits for the stream and downloads the output
+    /// buffer as it is now: after a replay of a CUDA graph that captured the kernel, a second
+    /// `fetch` returns the replay's result.
+    pub fn fetch(&self) -> Result<TopK> {
+        match &self.state {
+            Pending::Host(top) => Ok(top.clone()),
+            Pending::Device(queued) => queued.fetch(),
+        }
+    }
+}
+
 /// logits: [B, V] f32 → each row's `k` largest (1 ≤ k ≤ min(V, [`MAX_TOP_K`])) and its lse.
 pub fn top_k_candidates(logits: &Tensor, k: usize) -> Result<TopK> {
+    top_k_candidates_queued(logits, k)?.fetch()
+}
+
+/// [`top_k_candidates`], queued: on a GPU the kernel is launched and nothing waits for it
+/// (read the result with [`PendingTopK::fetch`]); on the CPU it is computed now.
+pub fn top_k_candidates_queued(logits: &Tensor, k: usize) -> Result<PendingTopK> {
     const OP: &str = "top_k_candidates";
     let [b, v] = logits.dims(OP, "logits: [B, V]")?;
     check_k(OP, k, v)?;
-    if let Some(gpu) = cuda_ops::device_of(OP, &[("logits", logits)])? {
-        return cuda_ops::top_k::top_k_candidates(&gpu, logits, b, v, k);
-    }
+    let state = match cuda_ops::device_of(OP, &[("logits", logits)])? {
+        Some(gpu) => Pending::Device(cuda_ops::top_k::queue(&gpu, logits, b, v, k)?),
+        None => Pending::Host(cpu_top_k(logits, b, v, k)?),
+    };
+    Ok(PendingTopK { rows: b, k, state })
+}
+
+/// The CPU reference of [`top_k_candidates`] on logits [b, v].
+fn cpu_top_k(logits: &Tensor, b: usize, v: usize, k: usize) -> Result<TopK> {
     let data = logits.as_slice()?;
     let rows: Vec<(Vec<(u32, f32)>, f32)> = data
         .par_chunks(v.max(1))
@@ -194,6 +249,28 @@ mod tests {
         assert!(got.lse[0].is_nan());
         assert_eq!(got.lse[1], ninf);
         assert_eq!(got.lse[2], f32::INFINITY);
+    }
+
+    #[test]
+    fn queued_fetches_what_the_op_returns_as_often_as_asked() {
+        let mut rng = Rng::new(3);
+        let (b, v, k) = (3, 257, 5);
+        let data: Vec<f32> = (0..b * v).map(|_| rng.below(40) as f32 - 20.0).collect();
+        let t = Tensor::from_vec(data.clone(), &[b, v]).unwrap();
+        let pending = top_k_candidates_queued(&t, k).unwrap();
+        assert_eq!((pending.rows(), pending.k()), (b, k));
+        // The CPU result is computed at once: it does not depend on the input afterwards.
+        drop(t);
+        let first = pending.fetch().unwrap();
+        assert_eq!(first, pending.fetch().unwrap());
+        let again = Tensor::from_vec(data, &[b, v]).unwrap();
+        assert_eq!(first, top_k_candidates(&again, k).unwrap());
+        // An empty batch: no rows, k as asked.
+        let empty = top_k_candidates_queued(&Tensor::zeros(&[0, 4]), 2).unwrap();
+        assert_eq!((empty.rows(), empty.k()), (0, 2));
+        let got = empty.fetch().unwrap();
+        assert!(got.values.is_empty() && got.ids.is_empty() && got.lse.is_empty());
+        assert_eq!(got.k, 2);
     }
 
     #[test]

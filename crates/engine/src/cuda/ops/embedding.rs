@@ -6,13 +6,13 @@ use super::{bf16_ptr, empty, row_block};
 use crate::cuda::device::{CudaBackend, params};
 use crate::cuda::kernels::Module;
 use crate::cuda::storage::DType;
-use crate::{EngineError, Result, Tensor};
+use crate::{EngineError, Indices, Result, Tensor};
 
 /// table: [V, C], ids: [T] → [T, C] scaled by `scale`.
 pub(crate) fn embedding(
     backend: &Arc<CudaBackend>,
     table: &Tensor,
-    ids: &[u32],
+    ids: &Indices,
     scale: f32,
 ) -> Result<Tensor> {
     const OP: &str = "embedding";
@@ -30,8 +30,8 @@ pub(crate) fn embedding(
         return Ok(out);
     }
     let po = bf16_ptr(OP, "out", &out)?;
-    let ids_dev = backend.upload(ids)?;
-    let pi = ids_dev.ptr();
+    let ids_dev = ids.on(backend)?;
+    let pi = ids_dev.ptr;
     let kernel = backend.kernel(Module::Embedding, "embedding_bf16")?;
     let cols64 = cols as i64;
     let rows = u32::try_from(ids.len()).map_err(|_| EngineError::Arg {
@@ -39,7 +39,7 @@ pub(crate) fn embedding(
         msg: format!("{} tokens exceed one launch's grid", ids.len()),
     })?;
     // SAFETY: table holds V·C bf16 and every id < V (checked above); out holds T·C; ids_dev
-    // holds T u32 and is returned to the arena only after this launch is queued.
+    // holds T u32 and is kept alive until this launch is queued.
     unsafe {
         backend.launch(
             &kernel,

@@ -7,6 +7,7 @@ pub(crate) mod attention;
 pub(crate) mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod linear;
+pub(crate) mod logits_at_least;
 pub(crate) mod logprobs;
 pub(crate) mod paged_attention;
 pub(crate) mod rms_norm;

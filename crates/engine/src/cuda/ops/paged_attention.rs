@@ -6,7 +6,7 @@
 //! kernel for the longer ones. Both read K/V in place through the block tables. The layout's
 //! arrays go to the GPU once per [`PagedLayout`] and are reused by every layer's call.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::{bf16_ptr, empty, grid_stride, to_i32};
 use crate::cuda::arena::DeviceBuffer;
@@ -75,31 +75,6 @@ const MIN_CHUNK: usize = 64;
 /// The decode kernel's row counts (R): GQA rows of one sequence it can hold.
 const DECODE_ROWS: [usize; 3] = [2, 4, 8];
 
-/// Host arrays copied to each GPU on first use and kept (one per device ordinal).
-#[derive(Default)]
-pub(crate) struct DeviceCopies(Mutex<Vec<(usize, Arc<DeviceBuffer>)>>);
-
-impl DeviceCopies {
-    /// The copy of `data` on `backend`'s GPU, uploading it the first time.
-    fn get(&self, backend: &CudaBackend, data: &[i32]) -> Result<Arc<DeviceBuffer>> {
-        let mut copies = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, buf)) = copies.iter().find(|(o, _)| *o == backend.ordinal()) {
-            return Ok(buf.clone());
-        }
-        // An empty upload would be a zero-byte allocation; kernels never read it then.
-        let buf = Arc::new(backend.upload(if data.is_empty() { &[0] } else { data })?);
-        copies.push((backend.ordinal(), buf.clone()));
-        Ok(buf)
-    }
-}
-
-impl std::fmt::Debug for DeviceCopies {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |c| c.len());
-        write!(f, "DeviceCopies({n} devices)")
-    }
-}
-
 /// A zeroed bf16 pool on GPU `ordinal`.
 pub(crate) fn zeroed_pool(ordinal: usize, shape: &[usize]) -> Result<Tensor> {
     let backend = CudaBackend::get(ordinal)?;
@@ -140,7 +115,7 @@ pub(crate) fn paged_kv_write(
         bf16_ptr(OP, "v_pool", v_pool)?,
     );
     let dev_slots = slots.device.get(backend, slots.as_slice())?;
-    let ps = dev_slots.ptr();
+    let ps = dev_slots.ptr;
     let (t32, row32) = (to_i32(OP, "T", tokens)?, to_i32(OP, "Hkv·D", row)?);
     let chunks = if row.is_multiple_of(8) { row / 8 } else { row };
     let grid = grid_stride(backend, tokens * chunks, 256);
@@ -249,7 +224,7 @@ pub(crate) fn paged_attention(
         });
     }
     let meta = layout.device.get(backend, layout.flat())?;
-    let base = meta.ptr();
+    let base = meta.ptr;
     let mut args = PagedArgs {
         q: pq,
         k_pool: pk,

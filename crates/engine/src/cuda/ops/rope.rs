@@ -8,7 +8,7 @@ use crate::cuda::device::{CudaBackend, params};
 use crate::cuda::kernels::Module;
 use crate::cuda::storage::DType;
 use crate::ops::Rope;
-use crate::{EngineError, Result, Tensor};
+use crate::{EngineError, Indices, Result, Tensor};
 
 const BLOCK: u32 = 256;
 
@@ -58,8 +58,8 @@ pub(crate) fn rope(
     }
     let px = bf16_ptr(OP, "x", x)?;
     let pos = backend.upload(positions)?;
-    let freq = backend.upload(&rope.inv_freq)?;
-    let (pp, pf) = (pos.ptr(), freq.ptr());
+    let freq = rope.device.get(backend, &rope.inv_freq)?;
+    let (pp, pf) = (pos.ptr(), freq.ptr);
     let kernel = backend.kernel(Module::Rope, "rope_bf16")?;
     let tokens64 = tokens as i64;
     let heads32 = to_i32(OP, "heads", heads)?;
@@ -87,7 +87,7 @@ pub(crate) fn rope_qkv_split(
     qkv: &Tensor,
     heads: usize,
     kv_heads: usize,
-    positions: &[u32],
+    positions: &Indices,
     rope: &Rope,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "rope_qkv_split";
@@ -114,9 +114,9 @@ pub(crate) fn rope_qkv_split(
         bf16_ptr(OP, "k", &k)?,
         bf16_ptr(OP, "v", &v)?,
     );
-    let pos = backend.upload(positions)?;
-    let freq = backend.upload(&rope.inv_freq)?;
-    let (pp, pf) = (pos.ptr(), freq.ptr());
+    let pos = positions.on(backend)?;
+    let freq = rope.device.get(backend, &rope.inv_freq)?;
+    let (pp, pf) = (pos.ptr, freq.ptr);
     let kernel = backend.kernel(Module::Rope, "rope_qkv_split_bf16")?;
     let tokens64 = tokens as i64;
     let heads32 = to_i32(OP, "heads", heads)?;
