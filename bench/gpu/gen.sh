@@ -26,7 +26,8 @@
 # PREFER_GEN_FLAGS adds flags to every prefer run (e.g. "--max-num-seqs 512");
 # PREFER_PAGED_KV=gather switches the layers to the gathered-copy attention path.
 # The uniform runs are repeated with PREFER_CUDA_GRAPHS=0 (decode steps launched kernel by
-# kernel instead of as CUDA graphs), named *-eager-uniform.
+# kernel instead of as CUDA graphs), named *-eager-uniform; llama1b-profile-uniform times every
+# op of its decode steps (PREFER_PROFILE=1).
 set -uo pipefail
 
 START=$(date +%s)
@@ -138,12 +139,14 @@ for s in llama1b qwen05; do
     case " $SHAPES " in *" $s "*) ;; *) continue ;; esac
     PREFER_CUDA_GRAPHS=0 prefer_run "$s-eager-uniform" "$s" uniform 60
 done
+# Where a decode step's GPU time goes (each op timed alone: slower than a real run).
+case " $SHAPES " in *" llama1b "*) PREFER_PROFILE=1 prefer_run llama1b-profile-uniform llama1b uniform 90 ;; esac
 for s in llama1b qwen05; do
     case " $SHAPES " in *" $s "*) ;; *) continue ;; esac
     prefer_run "$s-mixed" "$s" mixed 150
     hf_run "$s-mixed" "$s" mixed 128 2 75
 done
-case " $SHAPES " in *" gemma9b "*) prefer_run gemma9b gemma9b gemma 150 ;; esac
+case " $SHAPES " in *" gemma9b "*) prefer_run gemma9b gemma9b gemma "${PREFER_GEMMA_LIMIT_S:-150}" ;; esac
 
 # The model writer (and the make_model.py it is running, if any) is no longer needed.
 pkill -P "$MK_PID" 2>/dev/null
@@ -257,7 +260,8 @@ def trace_stats(name, shape):
 
 runs = {}
 for name, shape in [("llama1b-uniform", "llama1b"), ("llama1b-eager-uniform", "llama1b"),
-                    ("qwen05-eager-uniform", "qwen05"), ("llama1b-mixed", "llama1b"),
+                    ("qwen05-eager-uniform", "qwen05"), ("llama1b-profile-uniform", "llama1b"),
+                    ("llama1b-mixed", "llama1b"),
                     ("qwen05-uniform", "qwen05"), ("qwen05-mixed", "qwen05"), ("gemma9b", "gemma9b")]:
     r = {"shape": shape, "prefer": prefer_result(name), "trace": trace_stats(name, shape),
          "lengths": check_lengths(name), "hf": read_json(f"{W}/hf-{name}.json")}

@@ -265,11 +265,9 @@ impl Model {
 
     /// Full (soft-capped) logits of a few rows, for sampling: hidden [B, C] → [B, V].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(ops::logits(
-            hidden,
-            &self.lm_head,
-            self.config.arch.final_softcap,
-        )?)
+        self.profiler.run(OpKind::Logits, hidden.device(), || {
+            ops::logits(hidden, &self.lm_head, self.config.arch.final_softcap)
+        })
     }
 
     /// Rows `rows` of x: [T, C] → [rows.len(), C], on x's device (a gather on the GPU: the

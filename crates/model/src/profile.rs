@@ -35,6 +35,8 @@ pub enum OpKind {
     Gather,
     /// The chunked LM-head log-probs (its GEMMs and the softmax fold together).
     LmHead,
+    /// Full logits of a few rows (the LM head GEMM and the final soft-cap), for sampling.
+    Logits,
 }
 
 impl OpKind {
@@ -49,6 +51,7 @@ impl OpKind {
             OpKind::Add => "add",
             OpKind::Gather => "gather",
             OpKind::LmHead => "lm_head_logprobs",
+            OpKind::Logits => "logits",
         }
     }
 }
@@ -63,6 +66,15 @@ impl OpTimes {
     /// Milliseconds over all kinds.
     pub fn total_ms(&self) -> f64 {
         self.by_kind.values().map(|(ms, _)| ms).sum()
+    }
+
+    /// Adds `other`'s times and calls to these.
+    pub fn add(&mut self, other: &OpTimes) {
+        for (kind, (ms, calls)) in &other.by_kind {
+            let e = self.by_kind.entry(*kind).or_default();
+            e.0 += ms;
+            e.1 += calls;
+        }
     }
 
     /// Milliseconds of one kind (0 if it never ran).

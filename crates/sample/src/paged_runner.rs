@@ -42,7 +42,7 @@ use std::time::Instant;
 use engine::cuda::CudaBackend;
 use engine::ops::{self, AttentionOut, AttentionParams, PagedLayout, RowTokens, SeqLayout};
 use engine::{Device, EngineError, Indices, Staging, Tensor};
-use model::{KvCache, Model, ModelError};
+use model::{KvCache, Model, ModelError, OpTimes};
 
 use crate::decode_graph::DecodeGraphs;
 use crate::engine::{KvGeometry, StepBatch, StepLogits, StepModel};
@@ -54,6 +54,11 @@ pub const STEP_TRACE_ENV: &str = "PREFER_STEP_TRACE";
 
 /// The environment variable that turns CUDA graphs off (`0`), like `--enforce-eager`.
 pub const CUDA_GRAPHS_ENV: &str = "PREFER_CUDA_GRAPHS";
+
+/// The environment variable (`1`) that times every op of the decode steps (CUDA graphs off,
+/// each op waiting for the one before): where a decode step's GPU time goes, in the time
+/// summary.
+pub const PROFILE_ENV: &str = "PREFER_PROFILE";
 
 /// One layer's keys and values.
 pub(crate) struct LayerPool {
@@ -102,6 +107,8 @@ pub struct PagedRunner {
     staging: Staging,
     /// Decode steps as CUDA graphs (a GPU, unless turned off).
     graphs: Option<DecodeGraphs>,
+    /// The decode steps' time per op kind, when profiling ([`PROFILE_ENV`]).
+    profile: Option<(OpTimes, u64)>,
 }
 
 impl PagedRunner {
@@ -127,6 +134,7 @@ impl PagedRunner {
             })
             .collect::<std::result::Result<Vec<_>, engine::EngineError>>()
             .map_err(SampleError::model)?;
+        let profile = matches!(std::env::var(PROFILE_ENV).as_deref(), Ok("1"));
         let trace = match std::env::var_os(STEP_TRACE_ENV) {
             Some(path) if !path.is_empty() => Some(StepTrace::create(PathBuf::from(path))?),
             _ => None,
@@ -144,9 +152,12 @@ impl PagedRunner {
             last_logits: None,
             staging: Staging::new(device),
             graphs: match device {
-                Device::Cuda(n) if cuda_graphs_from_env() => Some(DecodeGraphs::new(n)?),
+                Device::Cuda(n) if cuda_graphs_from_env() && !profile => {
+                    Some(DecodeGraphs::new(n)?)
+                }
                 _ => None,
             },
+            profile: profile.then(|| (OpTimes::default(), 0)),
         })
     }
 
@@ -229,20 +240,22 @@ impl StepModel for PagedRunner {
         } else {
             String::new()
         };
-        Some(format!(
-            "{} model steps on {}: host enqueue {:.2} ms{wait}, logits copy {:.2} ms per step \
+        Some(
+            format!(
+                "{} model steps on {}: host enqueue {:.2} ms{wait}, logits copy {:.2} ms per step \
              ({} steps copied top-k candidates only, {} of them the full logits too; {} steps \
              were CUDA graph launches, {} graphs captured; KV read: {:?})",
-            t.steps,
-            self.device,
-            1e3 * t.enqueue / n,
-            1e3 * t.copy / n,
-            t.candidate_steps,
-            t.full_copies,
-            t.graph_steps,
-            t.graph_captures,
-            self.read
-        ))
+                t.steps,
+                self.device,
+                1e3 * t.enqueue / n,
+                1e3 * t.copy / n,
+                t.candidate_steps,
+                t.full_copies,
+                t.graph_steps,
+                t.graph_captures,
+                self.read
+            ) + &self.profile_summary(),
+        )
     }
 
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
@@ -323,6 +336,10 @@ impl PagedRunner {
         self.staging
             .stage(&[&ids, &positions, &layout, layout.slots()])
             .map_err(SampleError::model)?;
+        let profiled = self.profile.is_some() && batch.seqs.iter().all(|s| s.len == 1);
+        if profiled {
+            self.model.start_profile();
+        }
         // Decode-only steps need no gather: their rows are the sequences' last tokens.
         let last: Option<Vec<usize>> = batch
             .seqs
@@ -347,12 +364,42 @@ impl PagedRunner {
                 .map_err(|e| SampleError::model(engine::EngineError::from(e)))?;
         }
         let t2 = Instant::now();
+        if profiled && let Some((times, steps)) = self.profile.as_mut() {
+            times.add(&self.model.stop_profile());
+            *steps += 1;
+        }
         let (out, kept) = fetch(logits)?;
         self.times.candidate_steps += u64::from(kept.is_some());
         self.last_logits = kept.map(|l| (l, batch.seqs.len()));
         let t3 = Instant::now();
         self.record_times(batch, [t0, t1, t2, t3])?;
         Ok(out)
+    }
+
+    /// The profiled decode steps' GPU time per op kind, for the time summary ("" when not
+    /// profiling).
+    fn profile_summary(&self) -> String {
+        let Some((times, steps)) = &self.profile else {
+            return String::new();
+        };
+        let n = (*steps).max(1) as f64;
+        let parts: Vec<String> = times
+            .by_kind
+            .iter()
+            .map(|(k, (ms, calls))| {
+                format!(
+                    "{} {:.3} ms ({} calls)",
+                    k.name(),
+                    ms / n,
+                    *calls as f64 / n
+                )
+            })
+            .collect();
+        format!(
+            "; profiled decode steps ({steps}, each op timed alone), per step: total {:.3} ms = {}",
+            times.total_ms() / n,
+            parts.join(", ")
+        )
     }
 
     /// The last step's kept device logits, on the host: [B, V].

@@ -108,6 +108,10 @@ pub struct Args {
     /// Most tokens in one step; longer prompts are prefilled in chunks.
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     max_num_batched_tokens: u64,
+    /// Run every step's kernels one by one instead of replaying decode steps as CUDA graphs
+    /// (vLLM's flag; PREFER_CUDA_GRAPHS=0 does the same). Slower; for debugging.
+    #[arg(long)]
+    enforce_eager: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -491,12 +495,11 @@ fn runner(
         num_blocks * block_size,
         model.device()
     );
-    Ok(Box::new(PagedRunner::new(
-        model,
-        block_size,
-        num_blocks,
-        Some(max_model_len),
-    )?))
+    let mut runner = PagedRunner::new(model, block_size, num_blocks, Some(max_model_len))?;
+    if args.enforce_eager {
+        runner.set_cuda_graphs(false)?;
+    }
+    Ok(Box::new(runner))
 }
 
 fn progress_bar(len: usize) -> Result<ProgressBar> {
