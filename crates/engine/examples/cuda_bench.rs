@@ -1,13 +1,15 @@
 //! Micro-benchmark of the CUDA backend at real model shapes: the attention kernel, the
 //! cuBLASLt linear layers and the chunked lm_head log-probs, timed with CUDA events and
-//! reported in TFLOP/s against the H200's measured bf16 GEMM rate (790 TFLOP/s).
+//! reported in TFLOP/s against the H200's measured bf16 GEMM rate (790 TFLOP/s); and the
+//! sampler's top-k ranking, in µs and GB/s against the H200's 4.8 TB/s.
 //!
 //! Build here: `cargo build --release -p engine --example cuda_bench`; run on the GPU
 //! machine: `target/release/examples/cuda_bench [--quick]`.
 
 mod common;
 
-use common::{Result, Rng, random, time};
+use common::{GPU, Result, Rng, random, time};
+use engine::Tensor;
 use engine::cuda::{AttentionKernel, CudaBackend, attention_with};
 use engine::ops::{self, AttentionParams, LogProbChunks, SeqLayout};
 
@@ -15,6 +17,8 @@ use engine::ops::{self, AttentionParams, LogProbChunks, SeqLayout};
 const PEAK_TFLOPS: f64 = 790.0;
 /// Tokens per call, as in scoring 8 rows × 1024 tokens.
 const TOKENS: usize = 8192;
+/// H200 HBM3e bandwidth (spec sheet).
+const PEAK_GBS: f64 = 4800.0;
 
 fn report(what: &str, ms: f64, flops: f64) {
     let tflops = flops / (ms * 1e-3) / 1e12;
@@ -146,6 +150,45 @@ fn bench_logprobs(backend: &CudaBackend, rng: &mut Rng, quick: bool) -> Result<(
     Ok(())
 }
 
+/// `ops::top_k_candidates` on f32 logits [B, V]: the sampler's per-step ranking. Timed as
+/// replays of a CUDA graph of `REPS` queued rankings (as a decode step runs it, without the
+/// host's launch latency, which would hide the B = 1 kernels). GB/s counts one read of the
+/// logits, the least any ranking must do.
+fn bench_top_k(backend: &CudaBackend, rng: &mut Rng, quick: bool) -> Result<()> {
+    const REPS: usize = 20;
+    println!("\n# top-k candidates + lse (f32 logits [B, V], one read = B·V·4 bytes)");
+    for v in [128_256, 256_000] {
+        for b in [1, 256] {
+            // Uniform in [-8, 8): every thread's list fills early and then rarely changes,
+            // as with real logits.
+            let data: Vec<f32> = (0..b * v)
+                .map(|_| (rng.next() >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 8.0)
+                .collect();
+            let logits = Tensor::from_vec(data, &[b, v])?.to_device_f32(GPU)?;
+            for k in [2, 6, 65] {
+                let pool = backend.graph_pool();
+                let (graph, _pending) = backend.capture(&pool, || {
+                    (0..REPS)
+                        .map(|_| ops::top_k_candidates_queued(&logits, k))
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                let ms = time(backend, 2, if quick { 5 } else { 50 }, || {
+                    Ok(graph.launch()?)
+                })? / REPS as f64;
+                let gbs = (b * v * 4) as f64 / (ms * 1e-3) / 1e9;
+                println!(
+                    "{:<58} {:>9.1} µs {gbs:>7.0} GB/s ({:>4.1}% of {PEAK_GBS})",
+                    format!("B {b} × V {v}, k {k}"),
+                    ms * 1e3,
+                    100.0 * gbs / PEAK_GBS
+                );
+            }
+        }
+        backend.trim_memory();
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let backend = CudaBackend::get(0)?;
@@ -159,6 +202,7 @@ fn main() -> Result<()> {
     bench_attention(&backend, &mut rng, quick)?;
     bench_linear(&backend, &mut rng, quick)?;
     bench_logprobs(&backend, &mut rng, quick)?;
+    bench_top_k(&backend, &mut rng, quick)?;
     let m = backend.memory_stats();
     println!(
         "\narena: peak {:.2} GiB live, {:.2} GiB reserved, {} driver allocations",

@@ -4,7 +4,13 @@
 //!
 //! Ids and values must match exactly: the kernels only compare and copy logits, so any
 //! difference is a bug, ties included. The lse is an f32 sum of up to 10⁵ exps on the GPU
-//! against an f64 one on the CPU: within a few 1e-6 relative.
+//! (online: rescaled as the max grows) against an f64 one on the CPU: within a few 1e-6
+//! relative.
+//!
+//! The kernels come per list length (k ≤ 2, 8, 16, 32; passes of 32 above) and split a row
+//! over several blocks when the batch is small: the shapes below cover every list length,
+//! both sides of each, one and several passes, one and many slices, rows that start off a
+//! 16-byte boundary (odd V), and slices whose candidates are all −inf or hold the NaN.
 //!
 //! Build here with `cargo test --release -p engine --test cuda_top_k --no-run`; run on the
 //! GPU machine with `--include-ignored`.
@@ -83,6 +89,94 @@ fn top_k_infinities_and_nan() {
     check("infinities and NaN", data, b, v, 9);
 }
 
+/// Every list length and both sides of it, one pass and several, one slice and many.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn top_k_every_list_length_pass_and_split() {
+    let _lock = gpu_lock();
+    let mut rng = Rng(17);
+    let ks = [1, 2, 3, 6, 8, 9, 16, 17, 31, 32, 33, 64, 65, 100, MAX_TOP_K];
+    // (B, V): one row over many slices, a few rows over a few, rows of one block each.
+    let shapes = [(1, 256_000), (3, 100_003), (40, 4099), (300, 1000)];
+    for (b, v) in shapes {
+        for (n, &k) in ks.iter().enumerate() {
+            // Alternately ties everywhere and (nearly) distinct values.
+            let distinct = if n % 2 == 0 { 7 } else { 1 << 20 };
+            let data: Vec<f32> = (0..b * v)
+                .map(|_| (rng.below(distinct) as f32 / distinct as f32) * 20.0 - 10.0)
+                .collect();
+            check(
+                &format!("B {b} V {v} k {k} distinct {distinct}"),
+                data,
+                b,
+                v,
+                k,
+            );
+        }
+    }
+}
+
+/// Rows sorted ascending (every logit enters some thread's list), descending, and constant
+/// (every pick a tie, decided by id alone), over one and many slices.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn top_k_sorted_and_constant_rows() {
+    let _lock = gpu_lock();
+    for (b, v) in [(3, 200_001), (6, 4099)] {
+        for k in [2, 6, 16, 32, 65] {
+            let data: Vec<f32> = (0..b * v)
+                .map(|i| {
+                    let (r, j) = (i / v, (i % v) as f32);
+                    match r % 3 {
+                        0 => j * 1e-3,
+                        1 => -j * 1e-3,
+                        _ => 0.5,
+                    }
+                })
+                .collect();
+            check(&format!("sorted B {b} V {v} k {k}"), data, b, v, k);
+        }
+    }
+}
+
+/// NaN, ±inf and −inf-only stretches where rows are split: a slice whose candidates are all
+/// −inf, a NaN in one slice and +inf in another (lse NaN), a row of −inf but for a few.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn top_k_infinities_and_nan_across_slices() {
+    let _lock = gpu_lock();
+    let (b, v) = (4, 150_001);
+    let mut data = vec![f32::NEG_INFINITY; b * v];
+    // Row 0: NaN near the end, +inf near the start.
+    data[..v]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x = (i % 11) as f32);
+    data[v - 3] = f32::NAN;
+    data[17] = f32::INFINITY;
+    // Row 1: −inf but for 3 finite logits in the middle (k > 3: −inf ids follow in order).
+    data[v + 75_000] = 1.0;
+    data[v + 75_001] = -2.0;
+    data[v + 75_002] = 1.0;
+    // Row 2: two +inf far apart, the rest −0.0 / 0.0 / −inf.
+    for (i, x) in data[2 * v..3 * v].iter_mut().enumerate() {
+        *x = [0.0, -0.0, f32::NEG_INFINITY][i % 3];
+    }
+    data[2 * v + 5] = f32::INFINITY;
+    data[3 * v - 1] = f32::INFINITY;
+    // Row 3: all NaN (orders as −inf; lse NaN).
+    data[3 * v..].fill(f32::NAN);
+    for k in [2, 6, 9, 33, MAX_TOP_K] {
+        check(
+            &format!("infinities across slices, k {k}"),
+            data.clone(),
+            b,
+            v,
+            k,
+        );
+    }
+}
+
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
@@ -125,14 +219,19 @@ fn queued_top_k_fetches_in_any_order_and_again() {
 }
 
 /// A graph that captured the LM head and the queued ranking: each replay rewrites the
-/// ranking's output buffer, and `fetch` after the replay reads the new result.
+/// ranking's output buffer, and `fetch` after the replay reads the new result. The second
+/// shape splits its rows over several blocks: the slices' scratch is captured too.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn queued_top_k_fetches_a_replayed_graphs_result() {
     let _lock = gpu_lock();
+    replayed_graph(4, 64, 5000, 9);
+    replayed_graph(2, 64, 64_000, 6);
+}
+
+fn replayed_graph(b: usize, c: usize, v: usize, k: usize) {
     let backend = CudaBackend::get(0).unwrap();
     let mut rng = Rng(12);
-    let (b, c, v, k) = (4, 64, 5000, 9);
     let mut hidden = rand_tensor(&mut rng, &[b, c], -1.0, 1.0)
         .to_device(GPU)
         .unwrap();
@@ -162,7 +261,7 @@ fn queued_top_k_fetches_a_replayed_graphs_result() {
         // The reference: the CPU op on the logits this replay wrote.
         let host = Tensor::from_vec(logits.to_vec().unwrap(), &[b, v]).unwrap();
         let want = ops::top_k_candidates(&host, k).unwrap();
-        let what = format!("replay {replay}");
+        let what = format!("B {b} V {v} k {k} replay {replay}");
         assert_eq!(got.ids, want.ids, "{what}: ids");
         assert_eq!(bits(&got.values), bits(&want.values), "{what}: values");
         for (r, (&g, &w)) in got.lse.iter().zip(&want.lse).enumerate() {
@@ -283,7 +382,7 @@ fn logits_at_least_infinities_nan_and_saturation() {
     check_at_least("infinities, NaN, signed zeros", data, b, v, &rows, &t);
 }
 
-/// The top_k module, both kernels in it, compiles through NVRTC for sm_90 (no GPU needed;
+/// The top_k module, every kernel in it, compiles through NVRTC for sm_90 (no GPU needed;
 /// runs wherever libnvrtc loads).
 #[test]
 fn top_k_kernels_compile_for_sm_90() {
@@ -299,7 +398,18 @@ fn top_k_kernels_compile_for_sm_90() {
     let (cubin, _, _) = KernelCache::disabled()
         .load_or_compile(Module::TopK, arch, false)
         .unwrap_or_else(|e| panic!("{e}"));
-    for name in ["top_k_candidates_f32", "logits_at_least_f32"] {
+    let kernels = [
+        "top_k_rows_k2",
+        "top_k_merge_k2",
+        "top_k_rows_k8",
+        "top_k_merge_k8",
+        "top_k_rows_k16",
+        "top_k_merge_k16",
+        "top_k_rows_k32",
+        "top_k_merge_k32",
+        "logits_at_least_f32",
+    ];
+    for name in kernels {
         // Symbol names sit NUL-separated in the CUBIN's ELF string table.
         let needle = [b"\0", name.as_bytes(), b"\0"].concat();
         assert!(

@@ -94,7 +94,7 @@ impl Module {
             ],
             Module::Logprobs => &["logprob_init", "logprob_chunk", "logprob_finish"],
             Module::PagedAttention => super::ops::paged_attention::KERNELS,
-            Module::TopK => &["top_k_candidates_f32", "logits_at_least_f32"],
+            Module::TopK => super::ops::top_k::KERNELS,
         }
     }
 }

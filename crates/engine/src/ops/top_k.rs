@@ -6,8 +6,8 @@
 //! NaN gets a NaN lse, so the caller can tell the row is bad. `lse = max + ln Σ e^(l − max)`
 //! over the raw logits (±inf when the max is), so `value − lse` is a raw log-prob.
 //!
-//! The CPU reference sorts each row; the CUDA kernel (kernels/top_k.cu) does k block-wide
-//! argmax rounds. Both return host arrays: the result is small by design.
+//! The CPU reference sorts each row; the CUDA kernel (kernels/top_k.cu) reads each row once,
+//! each thread keeping its best few in registers (passes of 32 above k = 32). Both return host arrays: the result is small by design.
 //!
 //! [`top_k_candidates_queued`] splits the op in two: on a GPU it only queues the kernel (the
 //! host does not wait), and [`PendingTopK::fetch`] downloads the result later — as often as
@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
-/// The largest k the op takes (the kernel rereads the row once per pick).
+/// The largest k the op takes (above 32 the kernel reads the row once per 32 picks).
 pub const MAX_TOP_K: usize = 128;
 
 /// The top candidates of every row, on the host.
