@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::cuda::copies::DeviceCopies;
 use crate::cuda::{CudaBackend, DeviceBuffer};
-use crate::{Device, EngineError, Result};
+use crate::{Device, Result};
 
 /// Something whose host words can be staged and whose device copy can be bound.
 pub trait Staged {
@@ -75,19 +75,16 @@ impl Staging {
             a.write_words(&mut self.words);
         }
         let bytes = (self.words.len() * 4).max(4);
-        let moved = match &self.buf {
-            Some(b) if b.bytes() >= bytes => false,
+        let (buf, moved) = match &self.buf {
+            Some(b) if b.bytes() >= bytes => (b.clone(), false),
             _ => {
                 // Room to grow by half again, so a slowly growing batch moves it rarely.
-                self.buf = Some(Arc::new(backend.alloc(bytes + bytes / 2)?));
-                true
+                let b = Arc::new(backend.alloc(bytes + bytes / 2)?);
+                self.buf = Some(b.clone());
+                (b, true)
             }
         };
-        let buf = self.buf.as_ref().ok_or(EngineError::Arg {
-            op: "staging",
-            msg: "no device buffer".into(),
-        })?;
-        backend.upload_into(buf, &self.words)?;
+        backend.upload_into(&buf, &self.words)?;
         for (a, &offset) in arrays.iter().zip(&offsets) {
             a.copies().bind(ordinal, buf.clone(), offset);
         }

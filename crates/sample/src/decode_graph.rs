@@ -28,7 +28,7 @@ use model::Model;
 
 use crate::engine::StepBatch;
 use crate::error::{Result, SampleError};
-use crate::paged_runner::{KvRead, LayerPool, forward_logits};
+use crate::paged_runner::{KvRead, LayerPool, StepInputs, forward_logits};
 
 /// Bytes of graph outputs (mostly logits) kept at once before the least recently used graphs
 /// are dropped.
@@ -104,7 +104,7 @@ impl DecodeGraphs {
     /// The graph that would run `batch` with `k` candidates per row: only for steps where
     /// every sequence decodes one token.
     pub fn key(batch: &StepBatch, k: usize, max_model_len: usize) -> Option<GraphKey> {
-        if batch.seqs.is_empty() || batch.seqs.iter().any(|s| s.len != 1) {
+        if batch.seqs.is_empty() || !batch.is_decode() {
             return None;
         }
         let bs = batch.block_size.max(1);
@@ -137,8 +137,6 @@ impl DecodeGraphs {
             self.capture(key, batch.block_size, model, pools)?;
         }
         let pad = key.batch - batch.seqs.len();
-        let ids = Indices::new(pad_with(&batch.ids, pad));
-        let positions = Indices::new(pad_with(&batch.positions, pad));
         let kv_lens: Vec<usize> = batch.seqs.iter().map(|s| s.start + s.len).collect();
         let tables: Vec<&[u32]> = batch
             .seqs
@@ -148,19 +146,20 @@ impl DecodeGraphs {
                 &s.block_table[..used.min(s.block_table.len())]
             })
             .collect();
-        let layout = PagedLayout::decode_padded(
-            batch.block_size,
-            &kv_lens,
-            &tables,
-            key.batch,
-            key.max_blocks,
-            1,
-        )
-        .map_err(SampleError::model)?;
-        let moved = self
-            .staging
-            .stage(&[&ids, &positions, &layout, layout.slots()])
-            .map_err(SampleError::model)?;
+        let inputs = StepInputs {
+            ids: Indices::new(pad_with(&batch.ids, pad)),
+            positions: Indices::new(pad_with(&batch.positions, pad)),
+            layout: PagedLayout::decode_padded(
+                batch.block_size,
+                &kv_lens,
+                &tables,
+                key.batch,
+                key.max_blocks,
+                1,
+            )
+            .map_err(SampleError::model)?,
+        };
+        let moved = inputs.stage(&mut self.staging)?;
         if moved {
             // Same key, same sizes as at its capture, so this cannot happen; if it did,
             // every graph would read the old address.
@@ -205,38 +204,28 @@ impl DecodeGraphs {
     ) -> Result<()> {
         let _span = tracing::debug_span!("capture decode graph", ?key).entered();
         let none: &[&[u32]] = &[];
-        let layout = PagedLayout::decode_padded(
-            block_size,
-            &[],
-            none,
-            key.batch,
-            key.max_blocks,
-            key.max_blocks * block_size,
-        )
-        .map_err(SampleError::model)?;
-        let ids = Indices::new(vec![0; key.batch]);
-        let positions = Indices::new(vec![0; key.batch]);
-        if self
-            .staging
-            .stage(&[&ids, &positions, &layout, layout.slots()])
-            .map_err(SampleError::model)?
-        {
+        let inputs = StepInputs {
+            ids: Indices::new(vec![0; key.batch]),
+            positions: Indices::new(vec![0; key.batch]),
+            layout: PagedLayout::decode_padded(
+                block_size,
+                &[],
+                none,
+                key.batch,
+                key.max_blocks,
+                key.max_blocks * block_size,
+            )
+            .map_err(SampleError::model)?,
+        };
+        if inputs.stage(&mut self.staging)? {
             // The buffer grew: graphs captured so far read the old one.
             self.graphs.clear();
         }
         let bytes = key.batch * model.config().vocab_size * 4;
         self.evict_for(bytes);
         let captured = self.backend.capture(&self.pool, || {
-            let logits = forward_logits(
-                model,
-                pools,
-                KvRead::InPlace,
-                &ids,
-                &positions,
-                &layout,
-                None,
-            )
-            .map_err(CaptureError::Step)?;
+            let logits = forward_logits(model, pools, KvRead::InPlace, &inputs, None)
+                .map_err(CaptureError::Step)?;
             let top = ops::top_k_candidates_queued(&logits, key.k)
                 .map_err(|e| CaptureError::Step(SampleError::model(e)))?;
             Ok::<_, CaptureError>((logits, top))

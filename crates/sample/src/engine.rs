@@ -90,6 +90,11 @@ pub struct StepBatch {
 }
 
 impl StepBatch {
+    /// Whether every sequence computes exactly one new token (a decode step).
+    pub fn is_decode(&self) -> bool {
+        self.seqs.iter().all(|s| s.len == 1)
+    }
+
     /// Where each sequence's new tokens start in `ids`, plus the end: [B + 1].
     pub fn q_starts(&self) -> Vec<usize> {
         prefix_sums(self.seqs.iter().map(|s| s.len))

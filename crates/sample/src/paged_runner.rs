@@ -330,39 +330,28 @@ impl PagedRunner {
         // Free the previous step's logits before this step's activations need the memory.
         self.last_logits = None;
         let t0 = Instant::now();
-        let layout = step_layout(batch)?;
-        let ids = Indices::from(batch.ids.as_slice());
-        let positions = Indices::from(batch.positions.as_slice());
-        self.staging
-            .stage(&[&ids, &positions, &layout, layout.slots()])
-            .map_err(SampleError::model)?;
-        let profiled = self.profile.is_some() && batch.seqs.iter().all(|s| s.len == 1);
+        let inputs = StepInputs {
+            ids: Indices::from(batch.ids.as_slice()),
+            positions: Indices::from(batch.positions.as_slice()),
+            layout: step_layout(batch)?,
+        };
+        inputs.stage(&mut self.staging)?;
+        let profiled = self.profile.is_some() && batch.is_decode();
         if profiled {
             self.model.start_profile();
         }
         // Decode-only steps need no gather: their rows are the sequences' last tokens.
-        let last: Option<Vec<usize>> = batch
-            .seqs
-            .iter()
-            .any(|s| s.len != 1)
+        let last: Option<Vec<usize>> = (!batch.is_decode())
             .then(|| batch.q_starts()[1..].iter().map(|&end| end - 1).collect());
         let logits = forward_logits(
             &self.model,
             &mut self.pools,
             self.read,
-            &ids,
-            &positions,
-            &layout,
+            &inputs,
             last.as_deref(),
         )?; // [B, V], f32
         let t1 = Instant::now();
-        // Waiting apart from the copy costs a sync, so only a trace asks for it.
-        if self.trace.is_some()
-            && let Some(gpu) = self.backend()?
-        {
-            gpu.synchronize()
-                .map_err(|e| SampleError::model(engine::EngineError::from(e)))?;
-        }
+        wait_for(self.traced_backend()?.as_deref())?;
         let t2 = Instant::now();
         if profiled && let Some((times, steps)) = self.profile.as_mut() {
             times.add(&self.model.stop_profile());
@@ -430,6 +419,7 @@ impl PagedRunner {
         let Some(key) = DecodeGraphs::key(batch, candidates, self.max_model_len) else {
             return Ok(None);
         };
+        let traced = self.traced_backend()?;
         let Some(graphs) = self.graphs.as_mut() else {
             return Ok(None);
         };
@@ -437,17 +427,8 @@ impl PagedRunner {
         let t0 = Instant::now();
         graphs.launch(key, batch, &self.model, &mut self.pools)?;
         let t1 = Instant::now();
-        if self.trace.is_some()
-            && let Some(gpu) = self.backend()?
-        {
-            gpu.synchronize()
-                .map_err(|e| SampleError::model(engine::EngineError::from(e)))?;
-        }
+        wait_for(traced.as_deref())?;
         let t2 = Instant::now();
-        let graphs = self.graphs.as_ref().ok_or(SampleError::EngineConfig {
-            name: "cuda graphs",
-            msg: "turned off during a step".into(),
-        })?;
         let (top, logits) = graphs.fetch(key, batch.seqs.len())?;
         self.times.graph_captures = graphs.captures;
         self.times.graph_steps += 1;
@@ -456,6 +437,15 @@ impl PagedRunner {
         let t3 = Instant::now();
         self.record_times(batch, [t0, t1, t2, t3])?;
         Ok(Some(top))
+    }
+
+    /// The GPU to wait for between queuing a step and copying its result, so that the GPU
+    /// time is measured apart from the copy: only with a step trace (the wait costs time).
+    fn traced_backend(&self) -> Result<Option<std::sync::Arc<CudaBackend>>> {
+        match self.trace {
+            Some(_) => self.backend(),
+            None => Ok(None),
+        }
     }
 
     /// Adds one step's times: [start, queued, GPU done (with a trace), result on the host].
@@ -478,21 +468,48 @@ impl PagedRunner {
     }
 }
 
+/// Waits for `gpu`'s queued work, if there is a GPU to wait for.
+fn wait_for(gpu: Option<&CudaBackend>) -> Result<()> {
+    match gpu {
+        Some(gpu) => gpu
+            .synchronize()
+            .map_err(|e| SampleError::model(engine::EngineError::from(e))),
+        None => Ok(()),
+    }
+}
+
+/// One step's arrays as the kernels read them.
+pub(crate) struct StepInputs {
+    pub ids: Indices,       // [Tq]
+    pub positions: Indices, // [Tq]
+    pub layout: PagedLayout,
+}
+
+impl StepInputs {
+    /// Copies every array to the device in one copy through `staging`; true when its buffer
+    /// moved (graphs reading the old address are stale).
+    pub fn stage(&self, staging: &mut Staging) -> Result<bool> {
+        let l = &self.layout;
+        staging
+            .stage(&[&self.ids, &self.positions, l, l.slots()])
+            .map_err(SampleError::model)
+    }
+}
+
 /// The forward of one step through the pools and the LM head: logits [B, V] f32 of the
 /// rows `last` of the new tokens (all of them when `None`).
 pub(crate) fn forward_logits(
     model: &Model,
     pools: &mut [LayerPool],
     read: KvRead,
-    ids: &Indices,
-    positions: &Indices,
-    layout: &PagedLayout,
+    inputs: &StepInputs,
     last: Option<&[usize]>,
 ) -> Result<Tensor> {
+    let layout = &inputs.layout;
     let packed = layout.packed();
     let mut view = PagedView::new(pools, layout, read);
     let hidden = model
-        .forward_cached_indexed(ids, positions, &packed, &mut view)
+        .forward_cached_indexed(&inputs.ids, &inputs.positions, &packed, &mut view)
         .map_err(SampleError::model)?; // [Tq, C]
     drop(view);
     let rows = match last {

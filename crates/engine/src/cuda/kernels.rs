@@ -99,6 +99,31 @@ impl Module {
     }
 }
 
+/// Compiles `module` for sm_90 with ptxas statistics (no GPU needed), prints them and
+/// asserts that no kernel spills registers: the check each module's tests share. `None` (the
+/// test skips) when libnvrtc is not found.
+#[cfg(test)]
+pub(crate) fn compile_without_spills(module: Module) -> Option<super::nvrtc::Compiled> {
+    if !super::libs::Library::Nvrtc.is_present() {
+        eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to run this test)");
+        return None;
+    }
+    let arch = Arch::parse("sm_90").unwrap();
+    let mut opts = options(arch);
+    opts.push("--ptxas-options=--verbose".to_string());
+    let compiled =
+        super::nvrtc::compile_cubin(module.name(), module.source(), HEADERS, &opts, arch)
+            .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{}", compiled.log);
+    for line in compiled.log.lines().filter(|l| l.contains("spill")) {
+        assert!(
+            line.contains(" 0 bytes spill stores") && line.contains(" 0 bytes spill loads"),
+            "{line}"
+        );
+    }
+    Some(compiled)
+}
+
 /// NVRTC flags for one architecture. Precise division and square root stay on (the CPU
 /// reference is f32); hot paths use explicit fast intrinsics where their error is harmless.
 pub(crate) fn options(arch: Arch) -> Vec<String> {

@@ -293,15 +293,7 @@ impl PagedLayout {
             });
         }
         let max_blocks = tables.iter().map(|t| t.as_ref().len()).max().unwrap_or(0);
-        let mut flat = vec![-1i32; tables.len() * max_blocks];
-        for (b, t) in tables.iter().enumerate() {
-            for (j, &id) in t.as_ref().iter().enumerate() {
-                flat[b * max_blocks + j] = i32::try_from(id).map_err(|_| EngineError::Arg {
-                    op: "paged layout",
-                    msg: format!("sequence {b}: block id {id} exceeds the kernels' 32-bit range"),
-                })?;
-            }
-        }
+        let flat = flat_tables(tables, tables.len(), max_blocks)?;
         PagedLayout::new(
             block_size,
             q_starts.to_vec(),
@@ -339,27 +331,7 @@ impl PagedLayout {
                 ),
             });
         }
-        let mut flat = vec![0i32; batch * max_blocks];
-        for (b, t) in tables.iter().enumerate() {
-            let t = t.as_ref();
-            if t.len() > max_blocks {
-                return Err(EngineError::Arg {
-                    op: OP,
-                    msg: format!(
-                        "sequence {b} has {} blocks, the padded table {max_blocks} columns",
-                        t.len()
-                    ),
-                });
-            }
-            let row = &mut flat[b * max_blocks..(b + 1) * max_blocks];
-            row.fill(-1);
-            for (j, &id) in t.iter().enumerate() {
-                row[j] = i32::try_from(id).map_err(|_| EngineError::Arg {
-                    op: OP,
-                    msg: format!("sequence {b}: block id {id} exceeds the kernels' 32-bit range"),
-                })?;
-            }
-        }
+        let flat = flat_tables(tables, batch, max_blocks)?;
         let kv_lens: Vec<usize> = kv_lens
             .iter()
             .copied()
@@ -439,6 +411,34 @@ impl PagedLayout {
     pub(crate) fn flat(&self) -> &[i32] {
         &self.flat
     }
+}
+
+/// Block tables as the kernels read them: `rows` rows of `max_blocks` columns, sequence b's
+/// ids then −1; rows past the tables (padding) all block 0.
+fn flat_tables<T: AsRef<[u32]>>(tables: &[T], rows: usize, max_blocks: usize) -> Result<Vec<i32>> {
+    const OP: &str = "paged layout";
+    let mut flat = vec![0i32; rows * max_blocks];
+    for (b, t) in tables.iter().enumerate() {
+        let t = t.as_ref();
+        if t.len() > max_blocks {
+            return Err(EngineError::Arg {
+                op: OP,
+                msg: format!(
+                    "sequence {b} has {} blocks, the padded table {max_blocks} columns",
+                    t.len()
+                ),
+            });
+        }
+        let row = &mut flat[b * max_blocks..(b + 1) * max_blocks];
+        row.fill(-1);
+        for (j, &id) in t.iter().enumerate() {
+            row[j] = i32::try_from(id).map_err(|_| EngineError::Arg {
+                op: OP,
+                msg: format!("sequence {b}: block id {id} exceeds the kernels' 32-bit range"),
+            })?;
+        }
+    }
+    Ok(flat)
 }
 
 impl crate::Staged for SlotMapping {

@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use crate::cuda::device::{CudaBackend, params};
 use crate::cuda::kernels::Module;
-use crate::cuda::ops::to_i32;
-use crate::cuda::storage::DType;
+use crate::cuda::ops::{f32_ptr, to_i32};
 use crate::ops::RowTokens;
 use crate::{EngineError, Result, Tensor};
 
@@ -23,21 +22,7 @@ pub(crate) fn logits_at_least(
     cap: usize,
 ) -> Result<Vec<Option<RowTokens>>> {
     const OP: &str = "logits_at_least";
-    let pl = match logits.cuda() {
-        Some(s) if s.dtype == DType::F32 => s.ptr(),
-        Some(s) => {
-            return Err(EngineError::Arg {
-                op: OP,
-                msg: format!("logits must be f32, got {:?}", s.dtype),
-            });
-        }
-        None => {
-            return Err(EngineError::Arg {
-                op: OP,
-                msg: "logits must be on the GPU".into(),
-            });
-        }
-    };
+    let pl = f32_ptr(OP, "logits", logits)?;
     let n = rows.len();
     if n == 0 {
         return Ok(Vec::new());

@@ -49,11 +49,24 @@ pub(crate) fn device_of(
 
 /// The device address of a bf16 CUDA tensor, or an error naming the tensor.
 pub(crate) fn bf16_ptr(op: &'static str, name: &str, t: &Tensor) -> Result<u64> {
+    typed_ptr(op, name, t, DType::Bf16)
+}
+
+/// The device address of an f32 CUDA tensor, or an error naming the tensor.
+pub(crate) fn f32_ptr(op: &'static str, name: &str, t: &Tensor) -> Result<u64> {
+    typed_ptr(op, name, t, DType::F32)
+}
+
+fn typed_ptr(op: &'static str, name: &str, t: &Tensor, dtype: DType) -> Result<u64> {
     match t.cuda() {
-        Some(s) if s.dtype == DType::Bf16 => Ok(s.ptr()),
+        Some(s) if s.dtype == dtype => Ok(s.ptr()),
         Some(s) => Err(EngineError::Arg {
             op,
-            msg: format!("{name} must be bf16 on the GPU, got {:?}", s.dtype),
+            msg: format!(
+                "{name} must be {} on the GPU, got {:?}",
+                format!("{dtype:?}").to_lowercase(),
+                s.dtype
+            ),
         }),
         None => Err(EngineError::Arg {
             op,
