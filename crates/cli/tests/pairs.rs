@@ -3,10 +3,9 @@
 //! round trip through `datasets.load_dataset`, and bad inputs.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
-use testkit::{Ran, TempDir, prefer, run};
+use testkit::{Ran, TempDir, prefer, python_with_datasets, run, run_python};
 
 fn fixtures() -> PathBuf {
     testkit::fixture("data")
@@ -375,48 +374,6 @@ fn token_budget_ref_logps_holdout_and_chat_template() {
 
 // ---------------------------------------------------------------- python round trips
 
-/// The Python that has `datasets`: PREFER_PYTHON or python3. Under CI a missing one fails.
-fn python_with_datasets() -> Option<String> {
-    let python = std::env::var("PREFER_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let ok = Command::new(&python)
-        .args(["-c", "import datasets, pyarrow"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ok {
-        return Some(python);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "CI is set but `{python} -c 'import datasets'` fails: install datasets (pip install datasets pyarrow)"
-        );
-    }
-    eprintln!(
-        "NOTICE: skipping the datasets round trip: `{python}` has no `datasets` (set PREFER_PYTHON or pip install datasets)"
-    );
-    None
-}
-
-fn run_python(python: &str, script: &str, args: &[&str]) -> String {
-    let cache = std::env::temp_dir().join(format!("prefer-hf-cache-{}", std::process::id()));
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_DATASETS_CACHE", &cache)
-        .env("HF_HOME", &cache)
-        .output()
-        .expect("run python");
-    let _ = std::fs::remove_dir_all(&cache);
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 const LOAD: &str = r#"
 import sys, json, datasets
 d = datasets.load_dataset(sys.argv[1])
@@ -426,7 +383,7 @@ sys.stdout.write(json.dumps(out, ensure_ascii=False))
 
 #[test]
 fn datasets_load_dataset_reads_our_folder() {
-    let Some(python) = python_with_datasets() else {
+    let Some(python) = python_with_datasets("the datasets round trip") else {
         return;
     };
     for format in ["parquet", "jsonl"] {
@@ -461,7 +418,7 @@ datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "validation": d
 
 #[test]
 fn save_to_disk_output_is_read_by_prefer() {
-    let Some(python) = python_with_datasets() else {
+    let Some(python) = python_with_datasets("the datasets round trip") else {
         return;
     };
     let dir = TempDir::new("save-to-disk");

@@ -7,38 +7,16 @@
 //! leave an existing output file as it was.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use serde_json::{Value, json};
-use testkit::{Ran, TempDir, f64s, prefer, run, u64s};
+use testkit::{TempDir, f64s, prefer, run, u64s};
 
-fn model_dir(name: &str) -> PathBuf {
-    testkit::fixture("models").join(name)
-}
-
-fn write_lines(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).unwrap();
-}
-
-fn command(model: &Path, data: &str, out: &Path, extra: &[&str]) -> Command {
-    let mut c = prefer!();
-    c.arg("sample")
-        .arg("--model")
-        .arg(model)
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .args(extra);
-    c
-}
-
-fn prefer_sample(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Ran {
-    run(&mut command(model, data.to_str().unwrap(), out, extra))
-}
+mod common;
+use common::{
+    INTERRUPT_ARGS, RESUME_ARGS, command, interrupt_after_rows, model_dir, prefer_sample,
+    torn_after_three, write_interrupt_prompts, write_lines, write_resume_prompts,
+};
 
 fn read_rows(out: &Path) -> Vec<Value> {
     std::fs::read_to_string(out)
@@ -367,20 +345,8 @@ fn resume_after_a_torn_output_equals_an_uninterrupted_run() {
     let model = model_dir("mistral-tiny");
     let dir = TempDir::new("resume");
     let data = dir.join("rows.jsonl");
-    let rows: Vec<Value> = (0..6)
-        .map(|i| json!({"prompt": format!("질문 {i}: 다음 달 보험료는?")}))
-        .collect();
-    write_lines(&data, &rows);
-    let args = [
-        "--temperature",
-        "0.9",
-        "--top-p",
-        "0.9",
-        "--n",
-        "2",
-        "--max-tokens",
-        "15",
-    ];
+    write_resume_prompts(&data);
+    let args = RESUME_ARGS;
     let full = dir.join("full.jsonl");
     prefer_sample(&model, &data, &full, &args).ok();
     let full_text = std::fs::read_to_string(&full).unwrap();
@@ -389,9 +355,7 @@ fn resume_after_a_torn_output_equals_an_uninterrupted_run() {
 
     // Three complete lines and half of the fourth's bytes (maybe inside a character).
     let partial = dir.join("partial.jsonl");
-    let mut bytes = format!("{}\n{}\n{}\n", lines[0], lines[1], lines[2]).into_bytes();
-    bytes.extend_from_slice(&lines[3].as_bytes()[..lines[3].len() / 2]);
-    std::fs::write(&partial, bytes).unwrap();
+    std::fs::write(&partial, torn_after_three(&lines)).unwrap();
     let stderr = prefer_sample(&model, &data, &partial, &args).ok().stderr;
     assert!(stderr.contains("incomplete last line"), "{stderr}");
     assert!(stderr.contains("3 of 12 samples already there"), "{stderr}");
@@ -413,46 +377,11 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
     let model = model_dir("llama-tiny");
     let dir = TempDir::new("ctrlc");
     let data = dir.join("rows.jsonl");
-    let rows: Vec<Value> = (0..24)
-        .map(|i| json!({"prompt_ids": [2, 10 + i, 20, 30]}))
-        .collect();
-    write_lines(&data, &rows);
+    write_interrupt_prompts(&data);
     let out = dir.join("s.jsonl");
-    let args = [
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--max-tokens",
-        "400",
-        "--max-num-seqs",
-        "2",
-    ];
-    let mut cmd = command(&model, data.to_str().unwrap(), &out, &args);
-    let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    // Wait for the first finished rows, then interrupt.
-    let start = Instant::now();
-    loop {
-        let n = std::fs::read_to_string(&out).map_or(0, |t| t.lines().count());
-        if n >= 2 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no rows appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let stderr = Ran::from_output(format!("{cmd:?}"), child.wait_with_output().unwrap())
-        .failed()
-        .stderr;
+    let args = INTERRUPT_ARGS;
+    // Interrupt once the first rows have finished.
+    let stderr = interrupt_after_rows(&mut command(&model, &data, &out, &args), &out, 2).stderr;
     assert!(
         stderr.contains("interrupted") && stderr.contains("run the same command"),
         "{stderr}"
@@ -462,7 +391,7 @@ fn ctrl_c_stops_cleanly_and_the_run_continues() {
     let first = read_rows(&out).len();
     assert!((2..24).contains(&first), "{first} rows after the interrupt");
 
-    run(&mut command(&model, data.to_str().unwrap(), &out, &args)).ok();
+    run(&mut command(&model, &data, &out, &args)).ok();
     let rows = read_rows(&out);
     assert_eq!(rows.len(), 24);
     assert_eq!(by_key(&rows).len(), 24);

@@ -5,39 +5,17 @@
 //! or an incomplete target is never rewritten.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use data::cell::Cell;
 use serde_json::{Map, Value, json};
-use testkit::{Ran, TempDir, prefer, run, u64s};
+use testkit::{TempDir, prefer, python_with_datasets, run, run_python, u64s};
 
-fn model_dir(name: &str) -> PathBuf {
-    testkit::fixture("models").join(name)
-}
-
-fn write_lines(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).unwrap();
-}
-
-fn command(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = prefer!();
-    c.arg("sample")
-        .arg("--model")
-        .arg(model)
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .args(extra);
-    c
-}
-
-fn prefer_sample(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Ran {
-    run(&mut command(model, data, out, extra))
-}
+mod common;
+use common::{
+    INTERRUPT_ARGS, RESUME_ARGS, command, interrupt_after_rows, model_dir, prefer_sample,
+    torn_after_three, write_interrupt_prompts, write_lines, write_resume_prompts,
+};
 
 fn read_rows(path: &Path) -> Vec<Map<String, Value>> {
     std::fs::read_to_string(path)
@@ -89,28 +67,6 @@ fn json_cell(v: Option<&Value>) -> Cell {
 
 // ---------------------------------------------------------------- python
 
-/// The Python that has `datasets`: PREFER_PYTHON or python3. Under CI a missing one fails.
-fn python_with_datasets() -> Option<String> {
-    let python = std::env::var("PREFER_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let ok = Command::new(&python)
-        .args(["-c", "import datasets, pyarrow"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ok {
-        return Some(python);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "CI is set but `{python} -c 'import datasets'` fails: install datasets (pip install datasets pyarrow)"
-        );
-    }
-    eprintln!(
-        "NOTICE: skipping the datasets check: `{python}` has no `datasets` (set PREFER_PYTHON or pip install datasets)"
-    );
-    None
-}
-
 /// `datasets.load_dataset("parquet", data_files=FILE)`: its features (each written as
 /// `int32`, `list<…>`, `struct<name: …>`) in column order, and its rows.
 const LOAD_PARQUET: &str = r#"
@@ -135,23 +91,7 @@ sys.stdout.write(json.dumps(out, ensure_ascii=False))
 "#;
 
 fn load_with_datasets(python: &str, path: &Path) -> Value {
-    let cache = std::env::temp_dir().join(format!("prefer-hf-cache-{}-s", std::process::id()));
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(LOAD_PARQUET)
-        .arg(path)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_DATASETS_CACHE", &cache)
-        .env("HF_HOME", &cache)
-        .output()
-        .expect("run python");
-    let _ = std::fs::remove_dir_all(&cache);
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&run_python(python, LOAD_PARQUET, &[path.to_str().unwrap()])).unwrap()
 }
 
 // ---------------------------------------------------------------- the rows
@@ -326,7 +266,7 @@ fn parquet_holds_the_jsonl_rows_with_typed_columns() {
         assert_eq!(s.finish_reason.as_deref(), line["finish_reason"].as_str());
     }
 
-    let Some(python) = python_with_datasets() else {
+    let Some(python) = python_with_datasets("the datasets check") else {
         return;
     };
     let loaded = load_with_datasets(&python, &parquet);
@@ -413,20 +353,8 @@ fn the_sidecar_resumes_and_a_finished_parquet_is_final() {
     let model = model_dir("mistral-tiny");
     let dir = TempDir::new("parquet-resume");
     let data = dir.join("rows.jsonl");
-    let rows: Vec<Value> = (0..6)
-        .map(|i| json!({"prompt": format!("질문 {i}: 다음 달 보험료는?")}))
-        .collect();
-    write_lines(&data, &rows);
-    let args = [
-        "--temperature",
-        "0.9",
-        "--top-p",
-        "0.9",
-        "--n",
-        "2",
-        "--max-tokens",
-        "15",
-    ];
+    write_resume_prompts(&data);
+    let args = RESUME_ARGS;
     let full = dir.join("full.jsonl");
     prefer_sample(&model, &data, &full, &args).ok();
     let full_text = std::fs::read_to_string(&full).unwrap();
@@ -436,9 +364,7 @@ fn the_sidecar_resumes_and_a_finished_parquet_is_final() {
     // What a kill -9 leaves: three rows and half of the fourth in the sidecar.
     let parquet = dir.join("s.parquet");
     let sidecar = dir.join("s.parquet.partial.jsonl");
-    let mut bytes = format!("{}\n{}\n{}\n", lines[0], lines[1], lines[2]).into_bytes();
-    bytes.extend_from_slice(&lines[3].as_bytes()[..lines[3].len() / 2]);
-    std::fs::write(&sidecar, bytes).unwrap();
+    std::fs::write(&sidecar, torn_after_three(&lines)).unwrap();
     let stderr = prefer_sample(&model, &data, &parquet, &args).ok().stderr;
     for want in [
         "incomplete last line",
@@ -525,42 +451,12 @@ fn an_interrupted_parquet_run_leaves_its_sidecar_to_continue() {
     let model = model_dir("llama-tiny");
     let dir = TempDir::new("parquet-ctrlc");
     let data = dir.join("rows.jsonl");
-    let rows: Vec<Value> = (0..24)
-        .map(|i| json!({"prompt_ids": [2, 10 + i, 20, 30]}))
-        .collect();
-    write_lines(&data, &rows);
+    write_interrupt_prompts(&data);
     let parquet = dir.join("s.parquet");
     let sidecar = dir.join("s.parquet.partial.jsonl");
-    let args = [
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--max-tokens",
-        "400",
-        "--max-num-seqs",
-        "2",
-    ];
-    let mut cmd = command(&model, &data, &parquet, &args);
-    let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while std::fs::read_to_string(&sidecar).map_or(0, |t| t.lines().count()) < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no rows appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let stderr = Ran::from_output(format!("{cmd:?}"), child.wait_with_output().unwrap())
-        .failed()
-        .stderr;
+    let args = INTERRUPT_ARGS;
+    let stderr =
+        interrupt_after_rows(&mut command(&model, &data, &parquet, &args), &sidecar, 2).stderr;
     assert!(
         stderr.contains("interrupted")
             && stderr.contains("s.parquet.partial.jsonl")

@@ -12,6 +12,8 @@
 //!   printed, and assert the exit status with both streams in the message ([`Ran`]).
 //! - [`u64s`], [`u32s`], [`f64s`]: the numbers of a JSON array (fixture references and
 //!   output rows hold token ids and log-probs that way).
+//! - [`python_with_datasets`] and [`run_python`]: check outputs with 🤗 `datasets` itself,
+//!   offline, in a scratch cache.
 //!
 //! Helpers panic on failure: they are for tests, where a panic is the report.
 //!
@@ -221,6 +223,55 @@ fn numbers<T>(v: &Value, get: impl Fn(&Value) -> Option<T>, what: &str) -> Vec<T
         .iter()
         .map(|x| get(x).unwrap_or_else(|| panic!("expected {what}, found {x} in {v}")))
         .collect()
+}
+
+/// The Python that has `datasets` and `pyarrow`: `$PREFER_PYTHON`, else `python3`. `None`
+/// (the caller skips `what`, saying so) when it has not, except under CI (`$CI` set), where a
+/// missing `datasets` fails the test.
+pub fn python_with_datasets(what: &str) -> Option<String> {
+    let python = std::env::var("PREFER_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let ok = Command::new(&python)
+        .args(["-c", "import datasets, pyarrow"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Some(python);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "CI is set but `{python} -c 'import datasets'` fails: install datasets (pip install datasets pyarrow)"
+        );
+    }
+    eprintln!(
+        "NOTICE: skipping {what}: `{python}` has no `datasets` (set PREFER_PYTHON or pip install datasets)"
+    );
+    None
+}
+
+/// Runs `python -c script args…` offline (`HF_HUB_OFFLINE=1`) with its own scratch HF cache,
+/// asserts success and returns its stdout.
+#[track_caller]
+pub fn run_python(python: &str, script: &str, args: &[&str]) -> String {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let cache = std::env::temp_dir().join(format!("prefer-hf-cache-{}-{n}", std::process::id()));
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_DATASETS_CACHE", &cache)
+        .env("HF_HOME", &cache)
+        .output()
+        .expect("run python");
+    let _ = std::fs::remove_dir_all(&cache);
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[cfg(test)]
