@@ -40,6 +40,13 @@ fn check(what: &str, data: Vec<f32>, b: usize, v: usize, k: usize) {
     }
 }
 
+/// `n` values drawn from `distinct` evenly spaced levels in [−half, half).
+fn quantized(rng: &mut Rng, n: usize, distinct: usize, half: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.below(distinct) as f32 / distinct as f32) * 2.0 * half - half)
+        .collect()
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn top_k_matches_the_cpu_reference() {
@@ -59,9 +66,7 @@ fn top_k_matches_the_cpu_reference() {
     for (b, v, k) in shapes {
         for distinct in [5usize, 1 << 20] {
             // Few distinct values: ties everywhere, across warps and blocks' strides.
-            let data: Vec<f32> = (0..b * v)
-                .map(|_| (rng.below(distinct) as f32 / distinct as f32) * 30.0 - 15.0)
-                .collect();
+            let data = quantized(&mut rng, b * v, distinct, 15.0);
             check(
                 &format!("B {b} V {v} k {k} distinct {distinct}"),
                 data,
@@ -102,9 +107,7 @@ fn top_k_every_list_length_pass_and_split() {
         for (n, &k) in ks.iter().enumerate() {
             // Alternately ties everywhere and (nearly) distinct values.
             let distinct = if n % 2 == 0 { 7 } else { 1 << 20 };
-            let data: Vec<f32> = (0..b * v)
-                .map(|_| (rng.below(distinct) as f32 / distinct as f32) * 20.0 - 10.0)
-                .collect();
+            let data = quantized(&mut rng, b * v, distinct, 10.0);
             check(
                 &format!("B {b} V {v} k {k} distinct {distinct}"),
                 data,

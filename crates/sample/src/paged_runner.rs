@@ -134,7 +134,7 @@ impl PagedRunner {
             })
             .collect::<std::result::Result<Vec<_>, engine::EngineError>>()
             .map_err(SampleError::model)?;
-        let profile = matches!(std::env::var(PROFILE_ENV).as_deref(), Ok("1"));
+        let profile = env_switch(PROFILE_ENV, false)?;
         let trace = match std::env::var_os(STEP_TRACE_ENV) {
             Some(path) if !path.is_empty() => Some(StepTrace::create(PathBuf::from(path))?),
             _ => None,
@@ -152,7 +152,7 @@ impl PagedRunner {
             last_logits: None,
             staging: Staging::new(device),
             graphs: match device {
-                Device::Cuda(n) if cuda_graphs_from_env() && !profile => {
+                Device::Cuda(n) if env_switch(CUDA_GRAPHS_ENV, true)? && !profile => {
                     Some(DecodeGraphs::new(n)?)
                 }
                 _ => None,
@@ -521,9 +521,18 @@ pub(crate) fn forward_logits(
     model.logits(&rows).map_err(SampleError::model)
 }
 
-/// Whether the environment leaves CUDA graphs on ([`CUDA_GRAPHS_ENV`] unset, or not `0`).
-fn cuda_graphs_from_env() -> bool {
-    !matches!(std::env::var(CUDA_GRAPHS_ENV).as_deref(), Ok("0"))
+/// An on/off switch from the environment: `1` or `0`, `default` when unset or empty; any
+/// other value is an error naming the variable.
+fn env_switch(name: &'static str, default: bool) -> Result<bool> {
+    match std::env::var(name).as_deref() {
+        Err(_) | Ok("") => Ok(default),
+        Ok("1") => Ok(true),
+        Ok("0") => Ok(false),
+        Ok(other) => Err(SampleError::EngineConfig {
+            name,
+            msg: format!("{other:?}: expected 1 (on) or 0 (off)"),
+        }),
+    }
 }
 
 /// The step's [`PagedLayout`]: sequence `b`'s queries are its `len` new tokens, its context
@@ -838,6 +847,29 @@ fn mem_info(ordinal: usize) -> Result<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::engine::SeqStep;
+
+    #[test]
+    fn env_switches_take_1_or_0_and_name_a_bad_value() {
+        // A variable no other test reads, so setting it cannot race with them.
+        const NAME: &str = "PREFER_TEST_ENV_SWITCH";
+        let set = |v: &str| {
+            // SAFETY: only this test reads or writes NAME.
+            unsafe { std::env::set_var(NAME, v) }
+        };
+        set("");
+        assert!(env_switch(NAME, true).unwrap());
+        assert!(!env_switch(NAME, false).unwrap());
+        set("1");
+        assert!(env_switch(NAME, false).unwrap());
+        set("0");
+        assert!(!env_switch(NAME, true).unwrap());
+        set("off");
+        let e = env_switch(NAME, true).unwrap_err().to_string();
+        assert!(e.contains(NAME) && e.contains("\"off\""), "{e}");
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(NAME) };
+        assert!(env_switch(NAME, true).unwrap());
+    }
 
     fn batch() -> StepBatch {
         StepBatch {
