@@ -9,12 +9,12 @@ use std::path::Path;
 
 use data::cell::Cell;
 use serde_json::{Map, Value, json};
-use testkit::{TempDir, prefer, python_with_datasets, run, run_python, u64s};
+use testkit::{TempDir, python_with_datasets, run, run_python, u64s};
 
 mod common;
 use common::{
     INTERRUPT_ARGS, RESUME_ARGS, command, interrupt_after_rows, model_dir, prefer_sample,
-    torn_after_three, write_interrupt_prompts, write_lines, write_resume_prompts,
+    sample_then_pair, torn_after_three, write_interrupt_prompts, write_lines, write_resume_prompts,
 };
 
 fn read_rows(path: &Path) -> Vec<Map<String, Value>> {
@@ -478,34 +478,8 @@ fn an_interrupted_parquet_run_leaves_its_sidecar_to_continue() {
 /// and become the rejected answers.
 #[test]
 fn parquet_samples_join_in_prefer_pairs_by_id() {
-    let model = model_dir("llama-tiny");
-    let dir = TempDir::new("parquet-pairs");
-    let gold = dir.join("train.csv");
-    std::fs::write(
-        &gold,
-        "instruction,output\n보험료는?,월 3만원입니다.\n해지 환급금은?,없습니다.\n수도는?,서울입니다.\n",
-    )
-    .unwrap();
-    let samples = dir.join("samples.parquet");
-    prefer_sample(
-        &model,
-        &gold,
-        &samples,
-        &["--template", "korean", "--max-tokens", "6", "--seed", "5"],
-    )
-    .ok();
+    let (_dir, samples, pairs) = sample_then_pair("parquet-pairs", "samples.parquet");
     let sampled = ingest_rows(&samples, &["prompt", "text", "output"]);
-    let out = dir.join("pairs");
-    run(prefer!()
-        .args(["pairs", "--gold"])
-        .arg(&gold)
-        .arg("--samples")
-        .arg(&samples)
-        .arg("--out")
-        .arg(&out)
-        .args(["--join", "id", "--keep-truncated", "--format", "jsonl"]))
-    .ok();
-    let pairs = read_rows(&out.join("data/train-00000-of-00001.jsonl"));
     assert_eq!(pairs.len(), 3);
     for (row, pair) in pairs.iter().enumerate() {
         let cells = &sampled[&(format!("train.csv:{row}"), 0)];

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use testkit::{Ran, prefer, run};
+use testkit::{Ran, TempDir, prefer, run};
 
 pub fn model_dir(name: &str) -> PathBuf {
     testkit::fixture("models").join(name)
@@ -110,4 +110,43 @@ pub fn interrupt_after_rows(cmd: &mut Command, watch: &Path, rows: usize) -> Ran
             .success()
     );
     Ran::from_output(format!("{cmd:?}"), child.wait_with_output().unwrap()).failed()
+}
+
+/// The contract with `prefer pairs`: a gold CSV without ids (three Korean rows) is sampled
+/// into `samples_name` (its extension picks the format) with the Korean template, then
+/// paired with `--join id`. Returns the folder (kept alive), the samples file and the pairs
+/// written as JSON Lines, one value per pair.
+pub fn sample_then_pair(tag: &str, samples_name: &str) -> (TempDir, PathBuf, Vec<Value>) {
+    let model = model_dir("llama-tiny");
+    let dir = TempDir::new(tag);
+    let gold = dir.join("train.csv");
+    std::fs::write(
+        &gold,
+        "instruction,output\n보험료는?,월 3만원입니다.\n해지 환급금은?,없습니다.\n수도는?,서울입니다.\n",
+    )
+    .unwrap();
+    let samples = dir.join(samples_name);
+    prefer_sample(
+        &model,
+        &gold,
+        &samples,
+        &["--template", "korean", "--max-tokens", "6", "--seed", "5"],
+    )
+    .ok();
+    let out = dir.join("pairs");
+    run(prefer!()
+        .args(["pairs", "--gold"])
+        .arg(&gold)
+        .arg("--samples")
+        .arg(&samples)
+        .arg("--out")
+        .arg(&out)
+        .args(["--join", "id", "--keep-truncated", "--format", "jsonl"]))
+    .ok();
+    let pairs = std::fs::read_to_string(out.join("data/train-00000-of-00001.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (dir, samples, pairs)
 }
