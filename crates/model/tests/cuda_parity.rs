@@ -11,7 +11,8 @@
 //! 5.5e-2). The 2e-2 is unreachable here for any bf16 engine. transformers' bf16 is the
 //! baseline a user compares us with, so each model's bound is scaled by HF's bf16 error on it,
 //! read from `fixtures/reference/<name>.bf16.json` (`tools/gen_bf16_reference.py`) against the
-//! f32 `<name>.json`:
+//! f32 `<name>.json` (docs/precision.md has both, and the part of it that is the bf16 weights alone,
+//! `tools/bf16_error_budget.py`):
 //!
 //! - mean |GPU − CPU f32| over a test's tokens ≤ max(2e-2, [`MEAN_FACTOR`] × HF's mean
 //!   |bf16 − f32| over the **same tokens**);
