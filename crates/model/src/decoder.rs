@@ -26,6 +26,8 @@ use engine::{Device, Indices, Tensor};
 use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
+use crate::layer_backward::{LayerTape, LoraCtx};
+use crate::lora::LoraTarget;
 use crate::profile::{OpKind, Profiler};
 use crate::weights::Checkpoint;
 
@@ -202,7 +204,7 @@ impl DecoderLayer {
         cache: Option<&mut dyn KvCache>,
     ) -> Result<Tensor> {
         let h = ctx.norm(x, &self.input_layernorm)?;
-        let (x, _) = self.forward_normed(ctx, x, h, cache, None)?;
+        let (x, _) = self.forward_normed(ctx, x, h, cache, None, None, None)?;
         Ok(x)
     }
 
@@ -210,6 +212,11 @@ impl DecoderLayer {
     /// output x and, when `next_norm` is given, norm(output, next_norm) — computed in the same
     /// op as the last residual add (a whole forward passes the next layer's input norm, or the
     /// final norm).
+    ///
+    /// With `lora`, each targeted projection adds its low-rank delta (see `lora.rs`). With
+    /// `tape`, the intermediates the backward pass needs are kept in it (training recomputes
+    /// a layer this way from its saved input; a plain forward keeps nothing).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_normed(
         &self,
         ctx: &LayerCtx<'_>,
@@ -217,15 +224,26 @@ impl DecoderLayer {
         h: Tensor,
         cache: Option<&mut dyn KvCache>,
         next_norm: Option<&Tensor>,
+        lora: Option<&LoraCtx<'_>>,
+        mut tape: Option<&mut LayerTape>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let cfg = ctx.cfg;
         let a = &cfg.arch;
         let (t, dev, prof) = (x.shape()[0], x.device(), ctx.prof);
+        let (qd, kvd, i) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
         // Each block's intermediates are dropped as soon as they are used, so the peak
         // memory of a long batch is a block's widest activations, not the sum of them.
 
         // Attention block.
-        let qkv = self.qkv_proj.forward(&h, prof)?; // [Tq, (H + 2·Hkv)·D]
+        let mut qkv = self.qkv_proj.forward(&h, prof)?; // [Tq, (H + 2·Hkv)·D]
+        if let Some(lora) = lora {
+            let parts = [
+                (LoraTarget::QProj, 0),
+                (LoraTarget::KProj, qd),
+                (LoraTarget::VProj, qd + kvd),
+            ];
+            lora.add(self.index, &h, &mut qkv, &parts, tape.as_deref_mut())?;
+        }
         drop(h);
         let (q, k, v) = prof.run(OpKind::Rope, dev, || {
             ops::rope_qkv_split(
@@ -255,29 +273,62 @@ impl DecoderLayer {
                 })?
             }
         };
-        drop((q, k, v));
-        let attn = attn.out.reshape(&[t, cfg.q_dim()])?; // [Tq, H·D]
-        let mut attn = self.o_proj.forward(&attn, prof)?; // [Tq, C]
+        let attn_flat = attn.out.reshape(&[t, qd])?; // [Tq, H·D]
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.q = Some(q);
+            tape.k = Some(k);
+            tape.v = Some(v);
+            tape.attn_lse = Some(attn.lse);
+            tape.attn_out = Some(attn.out);
+        }
+        let mut attn = self.o_proj.forward(&attn_flat, prof)?; // [Tq, C]
+        if let Some(lora) = lora {
+            let parts = [(LoraTarget::OProj, 0)];
+            lora.add(
+                self.index,
+                &attn_flat,
+                &mut attn,
+                &parts,
+                tape.as_deref_mut(),
+            )?;
+        }
+        drop(attn_flat);
         if a.sandwich_norms {
+            if let Some(tape) = tape.as_deref_mut() {
+                tape.o_out = Some(attn.clone());
+            }
             attn = ctx.norm(&attn, &self.post_attention_layernorm)?;
         }
-        let pre_mlp = match &self.pre_feedforward_layernorm {
-            Some(w) => w,
-            None => &self.post_attention_layernorm,
-        };
-        let (x, h) = ctx.add_norm(&attn, x, pre_mlp)?;
+        let (x, h) = ctx.add_norm(&attn, x, self.pre_mlp_norm())?;
         drop(attn);
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.x_mid = Some(x.clone());
+        }
 
         // MLP block.
-        let gate_up = self.gate_up_proj.forward(&h, prof)?; // [Tq, 2·I]
+        let mut gate_up = self.gate_up_proj.forward(&h, prof)?; // [Tq, 2·I]
+        if let Some(lora) = lora {
+            let parts = [(LoraTarget::GateProj, 0), (LoraTarget::UpProj, i)];
+            lora.add(self.index, &h, &mut gate_up, &parts, tape.as_deref_mut())?;
+        }
         drop(h);
         let gated = prof.run(OpKind::Activation, dev, || {
             ops::gated_activation_packed(&gate_up, a.activation)
         })?; // [Tq, I]
-        drop(gate_up);
+        match tape.as_deref_mut() {
+            Some(tape) => tape.gate_up = Some(gate_up),
+            None => drop(gate_up),
+        }
         let mut mlp = self.down_proj.forward(&gated, prof)?; // [Tq, C]
+        if let Some(lora) = lora {
+            let parts = [(LoraTarget::DownProj, 0)];
+            lora.add(self.index, &gated, &mut mlp, &parts, tape.as_deref_mut())?;
+        }
         drop(gated);
         if let Some(w) = &self.post_feedforward_layernorm {
+            if let Some(tape) = tape {
+                tape.mlp_out = Some(mlp.clone());
+            }
             mlp = ctx.norm(&mlp, w)?;
         }
         match next_norm {
@@ -290,6 +341,15 @@ impl DecoderLayer {
                 prof.run(OpKind::Add, dev, || ops::add_inplace(&mut x, &mlp))?;
                 Ok((x, None))
             }
+        }
+    }
+
+    /// The norm in front of the MLP: Llama's post_attention_layernorm, Gemma-2's
+    /// pre_feedforward_layernorm.
+    pub fn pre_mlp_norm(&self) -> &Tensor {
+        match &self.pre_feedforward_layernorm {
+            Some(w) => w,
+            None => &self.post_attention_layernorm,
         }
     }
 }

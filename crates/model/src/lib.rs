@@ -50,12 +50,15 @@ mod gemma;
 mod gemma2;
 mod generation;
 mod kv_cache;
+mod layer_backward;
 mod llama;
+mod lora;
 mod mistral;
 mod model;
 mod profile;
 mod qwen2;
 mod tokenizer;
+mod training;
 mod weights;
 
 #[cfg(test)]
@@ -67,6 +70,8 @@ pub use config::{Arch, Family, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generation::GenerationConfig;
 pub use kv_cache::{CpuKvCache, KvCache};
+pub use lora::{Dropout, LayerLora, Lora, LoraPair, LoraSpec, LoraTarget, module_shape};
 pub use model::Model;
 pub use profile::{OpKind, OpTimes};
 pub use tokenizer::{PromptCompletion, Tokenizer, common_prefix_len};
+pub use training::{LoraTape, TrainBatch};

@@ -33,7 +33,7 @@ pub struct Model {
     pub(crate) norm: Tensor,              // [C]
     /// The embedding table itself when tied (shared storage, not a copy).
     pub(crate) lm_head: Tensor, // [V, C]
-    chunks: LogProbChunks,
+    pub(crate) chunks: LogProbChunks,
     profiler: Profiler,
 }
 
@@ -139,7 +139,7 @@ impl Model {
         })
     }
 
-    fn ctx<'a>(&'a self, positions: &'a Indices, layout: &'a SeqLayout) -> LayerCtx<'a> {
+    pub(crate) fn ctx<'a>(&'a self, positions: &'a Indices, layout: &'a SeqLayout) -> LayerCtx<'a> {
         LayerCtx {
             cfg: &self.config,
             rope: &self.rope,
@@ -238,6 +238,8 @@ impl Model {
                 h,
                 cache.as_mut().map(|c| &mut **c as &mut dyn KvCache),
                 Some(next_norm),
+                None,
+                None,
             )?;
             x = x_out;
             h = h_out.ok_or_else(|| ModelError::Input {

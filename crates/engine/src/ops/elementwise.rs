@@ -1,4 +1,5 @@
-//! Elementwise ops: residual adds and scaling.
+//! Elementwise ops: residual adds and scaling; and [`sum_over_rows`], the deterministic
+//! reduction over tokens that the backwards use for weight and bias gradients.
 use rayon::prelude::*;
 
 use crate::cuda::ops as cuda_ops;
@@ -60,6 +61,39 @@ pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Rows per block of [`sum_over_rows`]: fixed, so that the order of the additions (and so
+/// every bit of the result) does not depend on the number of threads.
+const ROWS_PER_BLOCK: usize = 32;
+
+/// Σ over t in 0..rows of a [C] contribution that `add_row(t, acc)` adds into `acc`, in f64.
+///
+/// Blocks of rows are reduced in parallel and the block sums added in block order: a
+/// parameter gradient summed over thousands of tokens comes out the same on every run and
+/// every machine (training resumes exactly), and f64 keeps the long sum well inside f32
+/// precision.
+pub(crate) fn sum_over_rows(
+    rows: usize,
+    c: usize,
+    add_row: impl Fn(usize, &mut [f64]) + Sync,
+) -> Vec<f64> {
+    let blocks: Vec<Vec<f64>> = (0..rows.div_ceil(ROWS_PER_BLOCK))
+        .into_par_iter()
+        .map(|block| {
+            let mut acc = vec![0.0f64; c]; // [C]
+            let start = block * ROWS_PER_BLOCK;
+            for t in start..(start + ROWS_PER_BLOCK).min(rows) {
+                add_row(t, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f64; c]; // [C]
+    for block in &blocks {
+        total.iter_mut().zip(block).for_each(|(t, &b)| *t += b);
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +132,37 @@ mod tests {
             add_inplace(&mut a, &b),
             Err(EngineError::Shape { .. })
         ));
+    }
+
+    #[test]
+    fn sum_over_rows_matches_a_loop_whatever_the_thread_count() {
+        let mut rng = Rng::new(24);
+        // Rows not a multiple of the block, and fewer rows than one block.
+        for (rows, c) in [(0usize, 3usize), (5, 4), (3 * ROWS_PER_BLOCK + 7, 11)] {
+            let x = rng.vec(rows * c, -1.0, 1.0);
+            let add_row = |t: usize, acc: &mut [f64]| {
+                for (a, &v) in acc.iter_mut().zip(&x[t * c..(t + 1) * c]) {
+                    *a += v as f64;
+                }
+            };
+            let got = sum_over_rows(rows, c, add_row);
+            // A plain loop in f64; the two orders differ by a few f64 ulps at most.
+            let mut want = vec![0.0f64; c];
+            for row in x.chunks(c.max(1)) {
+                for (w, &v) in want.iter_mut().zip(row) {
+                    *w += v as f64;
+                }
+            }
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-12, "{g} vs {w}");
+            }
+            // One thread gives the same bits as the default pool.
+            let single = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+                .install(|| sum_over_rows(rows, c, add_row));
+            assert_eq!(single, got);
+        }
     }
 }

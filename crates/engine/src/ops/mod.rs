@@ -1,8 +1,13 @@
-//! The ops, one file each: forward, CPU reference, (later) CUDA launcher and backward, tests.
+//! The ops, one file each: forward, CPU reference, CUDA launcher, backward, tests.
 //!
 //! Conventions: activations are packed `[T, ...]` over all sequences of a batch; a
 //! [`SeqLayout`] says where each sequence starts. Weights use HF's layouts (a linear weight is
 //! `[out, in]`).
+//!
+//! Backwards take the forward's arguments (or what the forward saved) followed by the output
+//! gradient `dy`, and return freshly assigned gradients named `d…` (nothing is accumulated
+//! into a caller's buffer). They run on the CPU only for now: a GPU input is an
+//! [`EngineError::Unsupported`] error, never a silent copy to the host.
 
 mod activation;
 mod attention;
@@ -16,22 +21,80 @@ mod rms_norm;
 mod rope;
 mod top_k;
 
-pub use activation::{Activation, gated_activation, gated_activation_packed};
-pub use attention::{AttentionOut, AttentionParams, SeqLayout, attention};
+pub use activation::{
+    Activation, gated_activation, gated_activation_backward, gated_activation_packed,
+    gated_activation_packed_backward,
+};
+pub use attention::{
+    AttentionGrads, AttentionOut, AttentionParams, SeqLayout, attention, attention_backward,
+};
 pub use elementwise::{add, add_inplace, scale};
-pub use embedding::{embedding, embedding_indices};
-pub use linear::linear;
+pub use embedding::{embedding, embedding_backward, embedding_indices};
+pub use linear::{bias_backward, linear, linear_backward_input, linear_backward_weight};
 pub use logits_at_least::{RowTokens, logits_at_least};
-pub use logprobs::{LogProbChunks, TokenStats, logits, token_logprobs};
+pub use logprobs::{
+    LogProbChunks, LogProbGrads, LowRank, LowRankGrads, TokenStats, logits, token_logprobs,
+    token_logprobs_backward, token_logprobs_low_rank,
+};
 pub use paged_attention::{
     PagedKernel, PagedLayout, SlotMapping, kv_pool, paged_attention, paged_attention_with,
     paged_kv_write,
 };
-pub use rms_norm::{add_rms_norm, rms_norm};
-pub use rope::{Rope, RopeScaling, rope, rope_qkv_split};
+pub use rms_norm::{add_rms_norm, rms_norm, rms_norm_backward};
+pub use rope::{Rope, RopeScaling, rope, rope_backward, rope_qkv_split, rope_qkv_split_backward};
 pub use top_k::{MAX_TOP_K, TopK, top_k_candidates};
 pub use top_k::{PendingTopK, top_k_candidates_queued};
 
 // Argument rules the CUDA launchers apply too, so both devices refuse the same inputs.
 pub(crate) use attention::check_params as check_attention_params;
 pub(crate) use logprobs::check_head as check_lm_head;
+
+use crate::{Device, EngineError, Result, Tensor};
+
+/// Refuses GPU inputs to an op that has only its CPU reference so far (the backwards), saying
+/// so instead of copying the tensors to the host behind the caller's back. Inputs split
+/// across devices get `device_of`'s error naming them.
+pub(crate) fn cpu_only(op: &'static str, inputs: &[(&str, &Tensor)]) -> Result<()> {
+    if crate::cuda::ops::device_of(op, inputs)?.is_some() {
+        let device = inputs.first().map_or(Device::Cpu, |(_, t)| t.device());
+        return Err(EngineError::Unsupported {
+            op,
+            device: format!("{device}: it has no CUDA path yet, pass CPU tensors"),
+        });
+    }
+    Ok(())
+}
+
+/// Gradient checks for the backwards' tests: central finite differences of a scalar f64
+/// function, which each test writes as a naive loop independent of the crate's forward.
+#[cfg(test)]
+pub(crate) mod grad_check {
+    /// ∂loss/∂x_i ≈ (loss(x + h·e_i) − loss(x − h·e_i)) / 2h for every i. Its error is
+    /// O(h²·f‴) from truncation plus O(ε_f64·|loss|/h) from rounding: with h = 1e-5 and O(1)
+    /// values both stay near 1e-10, far below the rounding of an f32 backward.
+    pub(crate) fn numeric_grad(x: &[f64], h: f64, loss: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+        let mut probe = x.to_vec();
+        (0..x.len())
+            .map(|i| {
+                probe[i] = x[i] + h;
+                let up = loss(&probe);
+                probe[i] = x[i] - h;
+                let down = loss(&probe);
+                probe[i] = x[i];
+                (up - down) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    /// Σ dy·y: the scalar whose gradient w.r.t. a forward's inputs is what that op's backward
+    /// returns when given `dy`.
+    pub(crate) fn dot(dy: &[f32], y: &[f64]) -> f64 {
+        assert_eq!(dy.len(), y.len(), "dot: lengths");
+        dy.iter().zip(y).map(|(&a, &b)| a as f64 * b).sum()
+    }
+
+    /// f32 values widened to f64, to feed the naive forwards.
+    pub(crate) fn widen(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
+}

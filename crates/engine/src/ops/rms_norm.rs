@@ -1,5 +1,7 @@
-//! RMSNorm: y = x / sqrt(mean(x²) + eps) · (offset + w).
+//! RMSNorm: y = x / sqrt(mean(x²) + eps) · (offset + w), and its backward.
 use rayon::prelude::*;
+
+use super::elementwise::sum_over_rows;
 
 use crate::cuda::ops as cuda_ops;
 use crate::{Result, Tensor};
@@ -60,22 +62,88 @@ pub fn add_rms_norm(
     Ok((sum, normed))
 }
 
+/// The gradients of [`rms_norm`]: x: [T, C], w: [C], dy: [T, C] → (dx: [T, C], dw: [C]),
+/// both assigned.
+///
+/// With r = 1/sqrt(mean(x²) + eps) and g = offset + w (rounded to f32 as the forward does),
+/// y_j = x_j·r·g_j, so
+/// - dw_j = Σ_t dy_j·x_j·r (summed over the tokens; `weight_offset` is a constant);
+/// - dx_k = r·g_k·dy_k − x_k·(r³/C)·Σ_j dy_j·g_j·x_j (the second term is r's dependence on
+///   every x of the row).
+///
+/// Each row is worked out in f64 (the forward's mean of squares is f64 too) and rounded once.
+pub fn rms_norm_backward(
+    x: &Tensor, // [T, C]
+    w: &Tensor, // [C]
+    eps: f32,
+    weight_offset: f32,
+    dy: &Tensor, // [T, C]
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "rms_norm_backward";
+    super::cpu_only(OP, &[("x", x), ("w", w), ("dy", dy)])?;
+    let [t, c] = x.dims(OP, "x: [T, C]")?;
+    w.expect_shape(OP, &[c])?;
+    dy.expect_shape(OP, &[t, c])?;
+    if c == 0 {
+        return Ok((Tensor::zeros(&[t, 0]), Tensor::zeros(&[0])));
+    }
+    let (x, dy) = (x.as_slice()?, dy.as_slice()?);
+    let gain: Vec<f64> = w
+        .as_slice()?
+        .iter()
+        .map(|&w| (weight_offset + w) as f64)
+        .collect(); // [C]
+    let inv_rms: Vec<f64> = x
+        .par_chunks(c)
+        .with_min_len(16)
+        .map(|row| {
+            let ss: f64 = row.iter().map(|&e| e as f64 * e as f64).sum();
+            1.0 / (ss / c as f64 + eps as f64).sqrt()
+        })
+        .collect(); // [T]
+    let mut dx = vec![0.0f32; t * c]; // [T, C]
+    dx.par_chunks_mut(c)
+        .zip(x.par_chunks(c).zip(dy.par_chunks(c)))
+        .zip(inv_rms.par_iter())
+        .with_min_len(16)
+        .for_each(|((dx, (x, dy)), &r)| {
+            let dot: f64 = x
+                .iter()
+                .zip(dy)
+                .zip(&gain)
+                .map(|((&x, &dy), &g)| dy as f64 * g * x as f64)
+                .sum();
+            let through_r = r * r * r * dot / c as f64;
+            for (((dx, &x), &dy), &g) in dx.iter_mut().zip(x).zip(dy).zip(&gain) {
+                *dx = (r * g * dy as f64 - x as f64 * through_r) as f32;
+            }
+        });
+    let dw = sum_over_rows(t, c, |row, acc| {
+        let r = inv_rms[row];
+        let span = row * c..(row + 1) * c;
+        for ((acc, &x), &dy) in acc.iter_mut().zip(&x[span.clone()]).zip(&dy[span]) {
+            *acc += dy as f64 * x as f64 * r;
+        }
+    });
+    let dw = dw.into_iter().map(|v| v as f32).collect();
+    Ok((Tensor::from_vec(dx, &[t, c])?, Tensor::from_vec(dw, &[c])?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::EngineError;
+    use crate::ops::grad_check::{dot, numeric_grad, widen};
     use crate::test_util::{Rng, assert_close};
 
-    fn naive(x: &[f32], w: &[f32], eps: f64, offset: f64, c: usize) -> Vec<f64> {
+    /// RMSNorm in f64, a loop per row: the reference of the forward and, through finite
+    /// differences, of the backward.
+    fn naive(x: &[f64], w: &[f64], eps: f64, offset: f64, c: usize) -> Vec<f64> {
         let mut y = Vec::with_capacity(x.len());
         for row in x.chunks(c) {
-            let ms = row.iter().map(|&e| (e as f64).powi(2)).sum::<f64>() / c as f64;
+            let ms = row.iter().map(|&e| e.powi(2)).sum::<f64>() / c as f64;
             let r = 1.0 / (ms + eps).sqrt();
-            y.extend(
-                row.iter()
-                    .zip(w)
-                    .map(|(&e, &w)| e as f64 * r * (offset + w as f64)),
-            );
+            y.extend(row.iter().zip(w).map(|(&e, &w)| e * r * (offset + w)));
         }
         y
     }
@@ -90,11 +158,85 @@ mod tests {
             let wt = Tensor::from_vec(w.clone(), &[c]).unwrap();
             for (eps, offset) in [(1e-6f32, 0.0f32), (1e-5, 1.0)] {
                 let y = rms_norm(&xt, &wt, eps, offset).unwrap();
-                let want = naive(&x, &w, eps as f64, offset as f64, c);
+                let want = naive(&widen(&x), &widen(&w), eps as f64, offset as f64, c);
                 // A handful of f32 roundings per element.
                 assert_close("rms_norm", y.as_slice().unwrap(), &want, 1e-6, 1e-6);
             }
         }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let mut rng = Rng::new(31);
+        for &(t, c) in &[(1, 1), (3, 7), (4, 13), (2, 33)] {
+            let x = rng.vec(t * c, -3.0, 3.0);
+            let w = rng.vec(c, -1.0, 1.0);
+            let dy = rng.vec(t * c, -1.0, 1.0);
+            let xt = Tensor::from_vec(x.clone(), &[t, c]).unwrap();
+            let wt = Tensor::from_vec(w.clone(), &[c]).unwrap();
+            let dyt = Tensor::from_vec(dy.clone(), &[t, c]).unwrap();
+            for (eps, offset) in [(1e-6f32, 0.0f32), (1e-5, 1.0)] {
+                let (dx, dw) = rms_norm_backward(&xt, &wt, eps, offset, &dyt).unwrap();
+                assert_eq!((dx.shape(), dw.shape()), (&[t, c][..], &[c][..]));
+                // The forward's gain is `offset + w` rounded to f32: differentiate that.
+                let gain: Vec<f64> = w.iter().map(|&w| (offset + w) as f64).collect();
+                let (eps, x64) = (eps as f64, widen(&x));
+                let want_dx = numeric_grad(&x64, 1e-5, |x| dot(&dy, &naive(x, &gain, eps, 0.0, c)));
+                let want_dw = numeric_grad(&gain, 1e-5, |g| dot(&dy, &naive(&x64, g, eps, 0.0, c)));
+                // The backward rounds an f64 value once (6e-8 relative); the differences are
+                // good to ~1e-9; values are O(1).
+                assert_close("dx", dx.as_slice().unwrap(), &want_dx, 1e-6, 1e-6);
+                assert_close("dw", dw.as_slice().unwrap(), &want_dw, 1e-6, 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn backward_sums_dw_over_many_rows() {
+        // Past several blocks of the row reduction, against the closed form in f64.
+        let mut rng = Rng::new(32);
+        let (t, c) = (203, 9);
+        let (x, w, dy) = (
+            rng.vec(t * c, -2.0, 2.0),
+            rng.vec(c, -1.0, 1.0),
+            rng.vec(t * c, -1.0, 1.0),
+        );
+        let (_, dw) = rms_norm_backward(
+            &Tensor::from_vec(x.clone(), &[t, c]).unwrap(),
+            &Tensor::from_vec(w, &[c]).unwrap(),
+            1e-6,
+            1.0,
+            &Tensor::from_vec(dy.clone(), &[t, c]).unwrap(),
+        )
+        .unwrap();
+        // y_j is linear in g_j, so dw_j = Σ_t dy_j·y_j/g_j = Σ_t dy_j·naive(g = 1)_j.
+        let unit = naive(&widen(&x), &vec![1.0; c], 1e-6, 0.0, c);
+        let mut want = vec![0.0f64; c];
+        for (j, (&d, &u)) in dy.iter().zip(&unit).enumerate() {
+            want[j % c] += d as f64 * u;
+        }
+        assert_close("dw", dw.as_slice().unwrap(), &want, 1e-5, 1e-6);
+    }
+
+    #[test]
+    fn backward_bad_shapes_are_errors() {
+        let x = Tensor::zeros(&[2, 5]);
+        let w = Tensor::zeros(&[5]);
+        for (w, dy) in [
+            (Tensor::zeros(&[4]), Tensor::zeros(&[2, 5])),
+            (w.clone(), Tensor::zeros(&[2, 4])),
+            (w.clone(), Tensor::zeros(&[3, 5])),
+        ] {
+            assert!(matches!(
+                rms_norm_backward(&x, &w, 1e-6, 0.0, &dy),
+                Err(EngineError::Shape { .. })
+            ));
+        }
+        let flat = Tensor::zeros(&[10]);
+        assert!(matches!(
+            rms_norm_backward(&flat, &w, 1e-6, 0.0, &flat),
+            Err(EngineError::Shape { .. })
+        ));
     }
 
     #[test]

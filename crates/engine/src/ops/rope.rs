@@ -121,28 +121,59 @@ pub fn rope(x: &mut Tensor, positions: &[u32], rope: &Rope) -> Result<()> {
     }
     const OP: &str = "rope";
     let [t, heads, d] = x.dims(OP, "x: [T, heads, D]")?;
+    check_head_dim(OP, "x", x.shape(), d, rope)?;
+    check_positions(OP, positions, t)?;
+    turn_heads(x, heads * d, heads, positions, rope, Turn::Forward)
+}
+
+/// The backward of [`rope`], in place: grad holds dy: [T, heads, D] on entry and dx on exit
+/// (assigned); `positions`: [T].
+///
+/// Per (token, pair) the forward multiplies by s·[[cos, −sin], [sin, cos]] (s =
+/// `attention_scaling`), so dx is the transpose applied to dy: the inverse rotation, scaled
+/// by s. The same code as the forward turns the pairs, with sin negated.
+pub fn rope_backward(grad: &mut Tensor, positions: &[u32], rope: &Rope) -> Result<()> {
+    const OP: &str = "rope_backward";
+    super::cpu_only(OP, &[("grad", grad)])?;
+    let [t, heads, d] = grad.dims(OP, "grad: [T, heads, D]")?;
+    check_head_dim(OP, "grad", grad.shape(), d, rope)?;
+    check_positions(OP, positions, t)?;
+    turn_heads(grad, heads * d, heads, positions, rope, Turn::Transpose)
+}
+
+/// Which way [`turn_heads`] turns each pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Turn {
+    /// The rotation by +angle: the forward.
+    Forward,
+    /// Its transpose (rotation by −angle, same scaling): the backward.
+    Transpose,
+}
+
+/// Turns the first `turned` heads of each row of x: [T, width] (a row is a token's heads of
+/// D = 2·inv_freq.len() each, then anything else up to `width`) by each token's angles.
+///
+/// The tensor's shape has been checked against `width`, `turned`, `rope` and `positions`.
+fn turn_heads(
+    x: &mut Tensor, // [T, width]
+    width: usize,
+    turned: usize,
+    positions: &[u32], // [T]
+    rope: &Rope,
+    turn: Turn,
+) -> Result<()> {
     let half = rope.inv_freq.len();
-    if d != 2 * half {
-        return Err(EngineError::Shape {
-            op: OP,
-            expected: format!(
-                "x: [T, heads, D] with D = {} (twice the inverse frequencies)",
-                2 * half
-            ),
-            got: x.shape().to_vec(),
-        });
-    }
-    if positions.len() != t {
-        return Err(EngineError::Arg {
-            op: OP,
-            msg: format!("{} positions for {t} tokens", positions.len()),
-        });
-    }
-    if t == 0 || heads == 0 || d == 0 {
+    let d = 2 * half;
+    if width == 0 || turned == 0 || d == 0 || positions.is_empty() {
         return Ok(());
     }
-    let x = x.as_mut_slice()?;
-    x.par_chunks_mut(heads * d)
+    // Negating sin is exact, so the backward sees the very cos/sin values of the forward.
+    let sin_sign = match turn {
+        Turn::Forward => 1.0f32,
+        Turn::Transpose => -1.0,
+    };
+    x.as_mut_slice()?
+        .par_chunks_mut(width)
         .zip(positions.par_iter())
         .with_min_len(8)
         // cos/sin of one token are shared by its heads; the scratch is per rayon job.
@@ -153,9 +184,9 @@ pub fn rope(x: &mut Tensor, positions: &[u32], rope: &Rope) -> Result<()> {
                 for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(&rope.inv_freq) {
                     let angle = f * pos;
                     *c = angle.cos() * rope.attention_scaling;
-                    *s = angle.sin() * rope.attention_scaling;
+                    *s = angle.sin() * rope.attention_scaling * sin_sign;
                 }
-                for head in row.chunks_exact_mut(d) {
+                for head in row[..turned * d].chunks_exact_mut(d) {
                     let (x1, x2) = head.split_at_mut(half);
                     for i in 0..half {
                         let (a, b) = (x1[i], x2[i]);
@@ -165,6 +196,39 @@ pub fn rope(x: &mut Tensor, positions: &[u32], rope: &Rope) -> Result<()> {
                 }
             },
         );
+    Ok(())
+}
+
+/// A head dim that `rope` cannot rotate (not twice its inverse frequencies) is a shape error
+/// naming the tensor.
+fn check_head_dim(
+    op: &'static str,
+    name: &str,
+    shape: &[usize],
+    d: usize,
+    rope: &Rope,
+) -> Result<()> {
+    let half = rope.inv_freq.len();
+    if d != 2 * half {
+        return Err(EngineError::Shape {
+            op,
+            expected: format!(
+                "{name}: [T, heads, D] with D = {} (twice the inverse frequencies)",
+                2 * half
+            ),
+            got: shape.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn check_positions(op: &'static str, positions: &[u32], t: usize) -> Result<()> {
+    if positions.len() != t {
+        return Err(EngineError::Arg {
+            op,
+            msg: format!("{} positions for {t} tokens", positions.len()),
+        });
+    }
     Ok(())
 }
 
@@ -213,9 +277,58 @@ pub fn rope_qkv_split(
     Ok((q, k, v))
 }
 
+/// The gradient of [`rope_qkv_split`] w.r.t. its fused input: dq: [T, H, D] and dk, dv:
+/// [T, Hkv, D] → dqkv: [T, (H + 2·Hkv)·D] (assigned), laid out like qkv; `positions`: [T].
+///
+/// The forward copies q, k and v out of each row and rotates q and k, so the backward packs
+/// the three gradients back into rows and turns the q and k heads (the first H + Hkv of each
+/// row) the other way, as [`rope_backward`] does.
+pub fn rope_qkv_split_backward(
+    dq: &Tensor, // [T, H, D]
+    dk: &Tensor, // [T, Hkv, D]
+    dv: &Tensor, // [T, Hkv, D]
+    positions: &Indices,
+    rope_t: &Rope,
+) -> Result<Tensor> {
+    const OP: &str = "rope_qkv_split_backward";
+    super::cpu_only(OP, &[("dq", dq), ("dk", dk), ("dv", dv)])?;
+    let [t, heads, d] = dq.dims(OP, "dq: [T, H, D]")?;
+    let [_, kv_heads, _] = dk.dims(OP, "dk: [T, Hkv, D]")?;
+    dk.expect_shape(OP, &[t, kv_heads, d])?;
+    dv.expect_shape(OP, &[t, kv_heads, d])?;
+    if heads + 2 * kv_heads == 0 {
+        return Err(EngineError::Shape {
+            op: OP,
+            expected: "dq: [T, H, D] and dk: [T, Hkv, D] with H + 2·Hkv > 0".into(),
+            got: dq.shape().to_vec(),
+        });
+    }
+    check_head_dim(OP, "dq", dq.shape(), d, rope_t)?;
+    check_positions(OP, positions, t)?;
+    let width = (heads + 2 * kv_heads) * d;
+    let (dq_s, dk_s, dv_s) = (dq.as_slice()?, dk.as_slice()?, dv.as_slice()?);
+    let mut dqkv = Vec::with_capacity(t * width); // [T, (H + 2·Hkv)·D]
+    for row in 0..t {
+        dqkv.extend_from_slice(&dq_s[row * heads * d..(row + 1) * heads * d]);
+        dqkv.extend_from_slice(&dk_s[row * kv_heads * d..(row + 1) * kv_heads * d]);
+        dqkv.extend_from_slice(&dv_s[row * kv_heads * d..(row + 1) * kv_heads * d]);
+    }
+    let mut dqkv = Tensor::from_vec(dqkv, &[t, width])?;
+    turn_heads(
+        &mut dqkv,
+        width,
+        heads + kv_heads,
+        positions,
+        rope_t,
+        Turn::Transpose,
+    )?;
+    Ok(dqkv)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::grad_check::{dot, numeric_grad, widen};
     use crate::test_util::{Rng, assert_close};
 
     /// The formulas of HF's default and llama3 inverse frequencies, in f64.
@@ -337,7 +450,11 @@ mod tests {
         assert_close("hand", &r.inv_freq, &want, 0.0, 1e-6);
     }
 
-    fn rope64(x: &[f32], positions: &[u32], inv: &[f32], heads: usize) -> Vec<f64> {
+    /// RoPE in f64 over x: [T, heads, D], a loop per (token, head, pair): the reference of
+    /// the forward and, through finite differences, of the backwards.
+    fn rope64(x: &[f64], positions: &[u32], rope_t: &Rope, heads: usize) -> Vec<f64> {
+        let inv = &rope_t.inv_freq;
+        let scaling = rope_t.attention_scaling as f64;
         let half = inv.len();
         let d = 2 * half;
         let mut y = vec![0.0f64; x.len()];
@@ -348,9 +465,9 @@ mod tests {
                     // The angle as HF rounds it (one f32 product), then exact trigonometry.
                     let angle = (inv[i] * p as f32) as f64;
                     let (s, c) = angle.sin_cos();
-                    let (a, b) = (x[o + i] as f64, x[o + i + half] as f64);
-                    y[o + i] = a * c - b * s;
-                    y[o + i + half] = b * c + a * s;
+                    let (a, b) = (x[o + i], x[o + i + half]);
+                    y[o + i] = scaling * (a * c - b * s);
+                    y[o + i + half] = scaling * (b * c + a * s);
                 }
             }
         }
@@ -362,20 +479,170 @@ mod tests {
         let mut rng = Rng::new(6);
         // head_dim 48 (not a power of two), 3 heads, positions up to ~4000.
         let (t, heads, d) = (13, 3, 48);
-        let rope_t = Rope::new(d, 10_000.0, &RopeScaling::Default);
+        let mut rope_t = Rope::new(d, 10_000.0, &RopeScaling::Default);
         let x = rng.vec(t * heads * d, -1.0, 1.0);
         let positions: Vec<u32> = (0..t).map(|_| rng.below(4000) as u32).collect();
-        let mut xt = Tensor::from_vec(x.clone(), &[t, heads, d]).unwrap();
-        rope(&mut xt, &positions, &rope_t).unwrap();
-        // HF rounds the angle pos·inv_freq to f32 (at pos ~4000 that alone moves it by up to
-        // ~2.4e-4 rad), so the reference takes the same f32 angle; what remains is cos/sin
-        // (≤ 1 ulp) and two products and a sum of values ≤ 1: a few 1e-7.
-        let want = rope64(&x, &positions, &rope_t.inv_freq, heads);
-        assert_close("rope", xt.as_slice().unwrap(), &want, 1e-6, 0.0);
+        // No kind sets attention_scaling ≠ 1 yet, but the op honours it: check that too.
+        for scaling in [1.0, 1.25] {
+            rope_t.attention_scaling = scaling;
+            let mut xt = Tensor::from_vec(x.clone(), &[t, heads, d]).unwrap();
+            rope(&mut xt, &positions, &rope_t).unwrap();
+            // HF rounds the angle pos·inv_freq to f32 (at pos ~4000 that alone moves it by
+            // up to ~2.4e-4 rad), so the reference takes the same f32 angle; what remains is
+            // cos/sin (≤ 1 ulp), the scaling, and two products and a sum of values ≤ 1.25: a
+            // few 1e-7.
+            let want = rope64(&widen(&x), &positions, &rope_t, heads);
+            assert_close("rope", xt.as_slice().unwrap(), &want, 1e-6, 0.0);
+        }
         // Position 0 is the identity; a rotation keeps each pair's norm.
+        rope_t.attention_scaling = 1.0;
         let mut z = Tensor::from_vec(x.clone(), &[t, heads, d]).unwrap();
         rope(&mut z, &vec![0; t], &rope_t).unwrap();
         assert_eq!(z.as_slice().unwrap(), x.as_slice());
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let mut rng = Rng::new(27);
+        for &(t, heads, d) in &[(1, 1, 2), (3, 2, 6), (5, 3, 10)] {
+            let x = rng.vec(t * heads * d, -1.0, 1.0);
+            let dy = rng.vec(t * heads * d, -1.0, 1.0);
+            let positions: Vec<u32> = (0..t).map(|_| rng.below(5000) as u32).collect();
+            for scaling in [1.0, 1.25] {
+                let mut rope_t = Rope::new(d, 10_000.0, &RopeScaling::Default);
+                rope_t.attention_scaling = scaling;
+                let mut grad = Tensor::from_vec(dy.clone(), &[t, heads, d]).unwrap();
+                rope_backward(&mut grad, &positions, &rope_t).unwrap();
+                let want = numeric_grad(&widen(&x), 1e-5, |x| {
+                    dot(&dy, &rope64(x, &positions, &rope_t, heads))
+                });
+                // Two f32 products and a sum of values ≤ 1.25 after f32 cos/sin; the
+                // differences of this linear map are good to ~1e-10.
+                let what = format!("{t}x{heads}x{d} scaling {scaling}");
+                assert_close(&what, grad.as_slice().unwrap(), &want, 1e-6, 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn backward_undoes_an_unscaled_forward() {
+        let mut rng = Rng::new(28);
+        let (t, heads, d) = (19, 4, 14);
+        let r = Rope::new(d, 500_000.0, &RopeScaling::Default);
+        let x = rng.vec(t * heads * d, -1.0, 1.0);
+        let positions: Vec<u32> = (0..t).map(|_| rng.below(100_000) as u32).collect();
+        let mut y = Tensor::from_vec(x.clone(), &[t, heads, d]).unwrap();
+        rope(&mut y, &positions, &r).unwrap();
+        rope_backward(&mut y, &positions, &r).unwrap();
+        // cos² + sin² = 1 up to a few f32 ulps.
+        assert_close("round trip", y.as_slice().unwrap(), &widen(&x), 1e-6, 0.0);
+    }
+
+    /// rope_qkv_split in f64: the split, then [`rope64`] on q and k; returns q, k, v
+    /// concatenated.
+    fn qkv_split64(
+        qkv: &[f64],
+        [t, h, hkv, d]: [usize; 4],
+        positions: &[u32],
+        rope_t: &Rope,
+    ) -> Vec<f64> {
+        let width = (h + 2 * hkv) * d;
+        let part = |lo: usize, n: usize| -> Vec<f64> {
+            (0..t)
+                .flat_map(|row| qkv[row * width + lo * d..row * width + (lo + n) * d].to_vec())
+                .collect()
+        };
+        let mut out = rope64(&part(0, h), positions, rope_t, h);
+        out.extend(rope64(&part(h, hkv), positions, rope_t, hkv));
+        out.extend(part(h + hkv, hkv));
+        out
+    }
+
+    #[test]
+    fn qkv_split_backward_matches_finite_differences() {
+        let mut rng = Rng::new(29);
+        for [t, h, hkv, d] in [[1, 1, 1, 2], [3, 3, 1, 6], [4, 6, 2, 10]] {
+            let r = Rope::new(d, 10_000.0, &RopeScaling::Linear { factor: 2.0 });
+            let width = (h + 2 * hkv) * d;
+            let qkv = rng.vec(t * width, -1.0, 1.0);
+            let positions: Vec<u32> = (0..t).map(|_| rng.below(3000) as u32).collect();
+            let (nq, nkv) = (t * h * d, t * hkv * d);
+            let dy = rng.vec(nq + 2 * nkv, -1.0, 1.0); // dq, dk, dv end to end
+            let dq = Tensor::from_vec(dy[..nq].to_vec(), &[t, h, d]).unwrap();
+            let dk = Tensor::from_vec(dy[nq..nq + nkv].to_vec(), &[t, hkv, d]).unwrap();
+            let dv = Tensor::from_vec(dy[nq + nkv..].to_vec(), &[t, hkv, d]).unwrap();
+            let indices = Indices::from(&positions[..]);
+            let dqkv = rope_qkv_split_backward(&dq, &dk, &dv, &indices, &r).unwrap();
+            assert_eq!(dqkv.shape(), &[t, width]);
+            let want = numeric_grad(&widen(&qkv), 1e-5, |x| {
+                dot(&dy, &qkv_split64(x, [t, h, hkv, d], &positions, &r))
+            });
+            assert_close("dqkv", dqkv.as_slice().unwrap(), &want, 1e-6, 1e-6);
+        }
+    }
+
+    #[test]
+    fn qkv_split_forward_matches_f64_reference() {
+        let mut rng = Rng::new(30);
+        let [t, h, hkv, d] = [5, 3, 1, 6];
+        let r = Rope::new(d, 10_000.0, &RopeScaling::Default);
+        let qkv = rng.vec(t * (h + 2 * hkv) * d, -1.0, 1.0);
+        let positions: Vec<u32> = (0..t).map(|_| rng.below(3000) as u32).collect();
+        let qkv_t = Tensor::from_vec(qkv.clone(), &[t, (h + 2 * hkv) * d]).unwrap();
+        let (q, k, v) = rope_qkv_split(&qkv_t, h, hkv, &Indices::from(&positions[..]), &r).unwrap();
+        let mut got = q.to_vec().unwrap();
+        got.extend(k.to_vec().unwrap());
+        got.extend(v.to_vec().unwrap());
+        let want = qkv_split64(&widen(&qkv), [t, h, hkv, d], &positions, &r);
+        assert_close("qkv split", &got, &want, 1e-6, 0.0);
+    }
+
+    #[test]
+    fn backward_bad_inputs_are_errors() {
+        let r = Rope::new(8, 10_000.0, &RopeScaling::Default);
+        let mut g = Tensor::zeros(&[2, 1, 6]);
+        assert!(matches!(
+            rope_backward(&mut g, &[0, 1], &r),
+            Err(EngineError::Shape { .. })
+        ));
+        let mut g = Tensor::zeros(&[2, 1, 8]);
+        assert!(matches!(
+            rope_backward(&mut g, &[0], &r),
+            Err(EngineError::Arg { .. })
+        ));
+        let pos = Indices::from(vec![0u32, 1]);
+        let q = Tensor::zeros(&[2, 3, 8]);
+        let kv = Tensor::zeros(&[2, 1, 8]);
+        let cases = [
+            // dk's head dim, dv's heads, dk's tokens, a head dim the rope cannot turn,
+            // no heads at all.
+            (q.clone(), Tensor::zeros(&[2, 1, 6]), kv.clone()),
+            (q.clone(), kv.clone(), Tensor::zeros(&[2, 2, 8])),
+            (q.clone(), Tensor::zeros(&[1, 1, 8]), kv.clone()),
+            (
+                Tensor::zeros(&[2, 3, 6]),
+                Tensor::zeros(&[2, 1, 6]),
+                Tensor::zeros(&[2, 1, 6]),
+            ),
+            (
+                Tensor::zeros(&[2, 0, 8]),
+                Tensor::zeros(&[2, 0, 8]),
+                Tensor::zeros(&[2, 0, 8]),
+            ),
+        ];
+        for (i, (dq, dk, dv)) in cases.iter().enumerate() {
+            assert!(
+                matches!(
+                    rope_qkv_split_backward(dq, dk, dv, &pos, &r),
+                    Err(EngineError::Shape { .. })
+                ),
+                "case {i}"
+            );
+        }
+        assert!(matches!(
+            rope_qkv_split_backward(&q, &kv, &kv, &Indices::from(vec![0u32]), &r),
+            Err(EngineError::Arg { .. })
+        ));
     }
 
     #[test]
