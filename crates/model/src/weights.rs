@@ -35,6 +35,16 @@ struct Shard {
     metadata: Metadata,
 }
 
+/// One tensor as its file holds it.
+pub(crate) struct StoredTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    /// Little-endian elements, C order.
+    pub bytes: &'a [u8],
+    /// The safetensors file it is in.
+    pub path: &'a Path,
+}
+
 /// The tensors of a model directory, read on demand.
 pub(crate) struct Checkpoint {
     dir: PathBuf,
@@ -192,6 +202,28 @@ impl Checkpoint {
 
     /// The stored bytes, dtype and file of tensor `name`, after checking it has `shape`.
     fn raw(&self, name: &str, shape: &[usize]) -> Result<(&[u8], Dtype, &Path)> {
+        let stored = self.stored(name)?;
+        if stored.shape != shape {
+            return Err(ModelError::TensorShape {
+                path: stored.path.to_path_buf(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: stored.shape.to_vec(),
+            });
+        }
+        Ok((stored.bytes, stored.dtype, stored.path))
+    }
+
+    /// Every tensor name in the checkpoint, sorted.
+    pub(crate) fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.location.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Tensor `name` exactly as stored, whatever its dtype and shape (for copying a
+    /// checkpoint through, as the merge does). Does not mark it used.
+    pub(crate) fn stored(&self, name: &str) -> Result<StoredTensor<'_>> {
         let missing = || ModelError::MissingTensor {
             name: name.to_string(),
             dir: self.dir.clone(),
@@ -199,17 +231,13 @@ impl Checkpoint {
         let &shard_index = self.location.get(name).ok_or_else(missing)?;
         let shard = &self.shards[shard_index];
         let info = shard.metadata.info(name).ok_or_else(missing)?;
-        if info.shape != shape {
-            return Err(ModelError::TensorShape {
-                path: shard.path.clone(),
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                got: info.shape.clone(),
-            });
-        }
         let (start, end) = info.data_offsets;
-        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
-        Ok((bytes, info.dtype, &shard.path))
+        Ok(StoredTensor {
+            dtype: info.dtype,
+            shape: &info.shape,
+            bytes: &shard.mmap[shard.data_start + start..shard.data_start + end],
+            path: &shard.path,
+        })
     }
 
     /// Names of tensors in the checkpoint that no [`Checkpoint::tensor`] call read.

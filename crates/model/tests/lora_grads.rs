@@ -15,47 +15,15 @@ use std::path::Path;
 use engine::{Device, Tensor};
 use model::{Dropout, Lora, LoraSpec, LoraTarget, Model, TrainBatch};
 use serde_json::Value;
-use testkit::fixtures_dir;
+use testkit::{fixtures_dir, peft_lora_key, read_safetensors_f32};
 
 const LOGP_TOL: f64 = 1e-4;
 const GRAD_REL: f32 = 1e-4;
 const GRAD_ABS: f32 = 1e-5;
 
-fn read_tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let data = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, (view.shape().to_vec(), data))
-        })
-        .collect()
-}
-
 /// PEFT's key of one tensor of a pair.
 fn peft_key(layer: Option<usize>, t: LoraTarget, a: bool) -> String {
-    let ab = if a { "A" } else { "B" };
-    match (layer, t) {
-        (None, LoraTarget::EmbedTokens) => {
-            format!("base_model.model.model.embed_tokens.lora_embedding_{ab}")
-        }
-        (None, LoraTarget::LmHead) => format!("base_model.model.lm_head.lora_{ab}.weight"),
-        (Some(i), t) => {
-            let block = match t {
-                LoraTarget::GateProj | LoraTarget::UpProj | LoraTarget::DownProj => "mlp",
-                _ => "self_attn",
-            };
-            format!("base_model.model.model.layers.{i}.{block}.{t}.lora_{ab}.weight")
-        }
-        (None, t) => panic!("{t} needs a layer"),
-    }
+    peft_lora_key(layer, t.hf_name(), a)
 }
 
 /// An adapter with the model's shapes, filled from PEFT-named tensors.
@@ -114,7 +82,7 @@ fn load_case(dir: &Path, dropout: f32) -> Case {
     let lora = load_lora(
         &model,
         spec,
-        &read_tensors(&dir.join("adapter_model.safetensors")),
+        &read_safetensors_f32(&dir.join("adapter_model.safetensors")),
     );
 
     // Pack the sequences; scored rows in the fixture's order.
@@ -190,7 +158,7 @@ fn check_case(dir: &Path) {
     model
         .lora_backward(&batch, &lora, tape, &weights, &mut grads)
         .unwrap();
-    let want = read_tensors(&dir.join("grads.safetensors"));
+    let want = read_safetensors_f32(&dir.join("grads.safetensors"));
     let mut worst = 0.0f32;
     for (layer, t, pair) in grads.pairs() {
         for (a, got) in [(true, &pair.a), (false, &pair.b)] {

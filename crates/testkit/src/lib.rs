@@ -12,6 +12,8 @@
 //!   printed, and assert the exit status with both streams in the message ([`Ran`]).
 //! - [`u64s`], [`u32s`], [`f64s`]: the numbers of a JSON array (fixture references and
 //!   output rows hold token ids and log-probs that way).
+//! - [`read_safetensors_f32`] and [`peft_lora_key`]: PEFT adapters (and gradients) as
+//!   named f32 tensors, and PEFT's key of each LoRA tensor.
 //! - [`python_with_datasets`] and [`run_python`]: check outputs with 🤗 `datasets` itself,
 //!   offline, in a scratch cache.
 //!
@@ -26,6 +28,7 @@
 //! assert_eq!(echo.stdout, "hi\n");
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -225,6 +228,75 @@ fn numbers<T>(v: &Value, get: impl Fn(&Value) -> Option<T>, what: &str) -> Vec<T
         .collect()
 }
 
+/// A safetensors file's tensors by name: (shape, values as f32). F32, BF16 and F16 are read
+/// (exactly); any other dtype panics. For adapters and gradients PEFT wrote.
+#[track_caller]
+pub fn read_safetensors_f32(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    use safetensors::Dtype;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data: Vec<f32> = match view.dtype() {
+                Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                // bf16 is the top half of an f32.
+                Dtype::BF16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                    .collect(),
+                Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                    .collect(),
+                other => panic!("{}: tensor {name} is {other:?}", path.display()),
+            };
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// IEEE half → f32, exact (subnormals, infinities and NaN included).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let frac = (h & 0x3ff) as f32;
+    sign * match exp {
+        0 => frac * 2f32.powi(-24),
+        31 if frac == 0.0 => f32::INFINITY,
+        31 => f32::NAN,
+        e => (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
+    }
+}
+
+/// PEFT's key (adapter name stripped, as `save_pretrained` writes it) of a LoRA tensor:
+/// `module` is the HF module name (`q_proj`, `embed_tokens`, `lm_head`, ...), `layer` its
+/// decoder layer (None for embed_tokens and lm_head), `a` the A matrix (else B).
+pub fn peft_lora_key(layer: Option<usize>, module: &str, a: bool) -> String {
+    let ab = if a { "A" } else { "B" };
+    match (layer, module) {
+        (None, "embed_tokens") => {
+            format!("base_model.model.model.embed_tokens.lora_embedding_{ab}")
+        }
+        (None, "lm_head") => format!("base_model.model.lm_head.lora_{ab}.weight"),
+        (Some(i), m) => {
+            let block = match m {
+                "gate_proj" | "up_proj" | "down_proj" => "mlp",
+                _ => "self_attn",
+            };
+            format!("base_model.model.model.layers.{i}.{block}.{m}.lora_{ab}.weight")
+        }
+        (None, m) => panic!("{m} needs a layer"),
+    }
+}
+
 /// The Python that has `datasets` and `pyarrow`: `$PREFER_PYTHON`, else `python3`. `None`
 /// (the caller skips `what`, saying so) when it has not, except under CI (`$CI` set), where a
 /// missing `datasets` fails the test.
@@ -313,6 +385,47 @@ mod tests {
         assert_eq!(f64s(&v), vec![-0.5, 0.001]);
         assert!(std::panic::catch_unwind(|| u64s(&v)).is_err());
         assert!(std::panic::catch_unwind(|| f64s(&Value::Null)).is_err());
+    }
+
+    #[test]
+    fn safetensors_are_read_as_f32_and_peft_keys_spelled() {
+        let dir = TempDir::new("st");
+        // A file by hand: F32 [2], BF16 [1], F16 [3] (1.0, 2^-24 subnormal, -inf).
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[1],"data_offsets":[8,10]},"c":{"dtype":"F16","shape":[3],"data_offsets":[10,16]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        for x in [1.5f32, -2.0] {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        bytes.extend_from_slice(&0x3fc0u16.to_le_bytes()); // bf16 1.5
+        for h in [0x3c00u16, 0x0001, 0xfc00] {
+            bytes.extend_from_slice(&h.to_le_bytes());
+        }
+        std::fs::write(dir.join("t.safetensors"), bytes).unwrap();
+        let t = read_safetensors_f32(&dir.join("t.safetensors"));
+        assert_eq!(t["a"], (vec![2], vec![1.5, -2.0]));
+        assert_eq!(t["b"], (vec![1], vec![1.5]));
+        assert_eq!(
+            t["c"],
+            (vec![3], vec![1.0, 2f32.powi(-24), f32::NEG_INFINITY])
+        );
+
+        assert_eq!(
+            peft_lora_key(Some(3), "up_proj", false),
+            "base_model.model.model.layers.3.mlp.up_proj.lora_B.weight"
+        );
+        assert_eq!(
+            peft_lora_key(Some(0), "q_proj", true),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        );
+        assert_eq!(
+            peft_lora_key(None, "embed_tokens", true),
+            "base_model.model.model.embed_tokens.lora_embedding_A"
+        );
+        assert_eq!(
+            peft_lora_key(None, "lm_head", false),
+            "base_model.model.lm_head.lora_B.weight"
+        );
     }
 
     #[test]

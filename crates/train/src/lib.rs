@@ -15,5 +15,6 @@ pub mod loss;
 pub mod optim;
 pub mod peft;
 pub mod schedule;
+pub mod trainer;
 
 pub use error::{Result, TrainError};
