@@ -26,6 +26,8 @@ enum Command {
     Sample(cmd::sample::Args),
     /// Preference pairs (chosen = gold, rejected = sample) as a dataset folder.
     Pairs(cmd::pairs::Args),
+    /// DPO with LoRA on preference pairs → a PEFT adapter (TRL's DPOTrainer options).
+    Train(cmd::train::Args),
     /// Upload a folder to the Hugging Face Hub (commit API).
     Push(cmd::push::Args),
     /// Compile every CUDA kernel ahead of time (NVRTC, no GPU needed) into the kernel cache.
@@ -45,6 +47,7 @@ fn main() {
         Command::Score(args) => cmd::score::run(args),
         Command::Sample(args) => cmd::sample::run(args),
         Command::Pairs(args) => cmd::pairs::run(args),
+        Command::Train(args) => cmd::train::run(args),
         Command::Push(args) => cmd::push::run(args),
         Command::Kernels(args) => cmd::kernels::run(args),
     };

@@ -4,3 +4,4 @@ pub mod pairs;
 pub mod push;
 pub mod sample;
 pub mod score;
+pub mod train;

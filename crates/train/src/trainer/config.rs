@@ -24,8 +24,8 @@ pub const DEFAULT_TARGETS: [&str; 8] = [
     "lm_head",
 ];
 
-/// A training run's options. Unknown keys are errors (a typo must not silently train with a
-/// default).
+/// A training run's options. Unknown keys in a file are errors (a typo must not silently train
+/// with a default): see [`TrainConfig::from_toml`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
@@ -118,10 +118,27 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Parses TOML; `what` names the source in errors.
     pub fn from_toml(text: &str, what: &str) -> Result<TrainConfig> {
-        toml::from_str(text).map_err(|e| TrainError::Arg {
+        let bad = |msg: String| TrainError::Arg {
             what: "config",
-            msg: format!("{what}: {e}"),
-        })
+            msg: format!("{what}: {msg}"),
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // serde cannot refuse unknown keys of a struct with a flattened field, so the keys
+        // are checked against the full list (every option, the flattened loss's included).
+        let known = serde_json::to_value(TrainConfig::default()).map_err(|e| bad(e.to_string()))?;
+        if let Some(known) = known.as_object()
+            && let Some(key) = table.keys().find(|k| !known.contains_key(k.as_str()))
+        {
+            let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            return Err(bad(format!(
+                "unknown option `{key}`; the options are {}",
+                names.join(", ")
+            )));
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.to_string()))
     }
 
     /// The checks nothing downstream makes; the loss, example, schedule and optimizer options
