@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole job from a pipeline file: sample → pairs → train → export (docs/run.md).
+    Run(cmd::run::Args),
     /// Log-probs of completions under a model (DPO's reference pass).
     Score(cmd::score::Args),
     /// Completions of prompts from a model (vLLM-style batched generation): the rejected side.
@@ -28,6 +30,8 @@ enum Command {
     Pairs(cmd::pairs::Args),
     /// DPO with LoRA on preference pairs → a PEFT adapter (TRL's DPOTrainer options).
     Train(cmd::train::Args),
+    /// Merge a LoRA adapter into its base → a model folder transformers and vLLM load.
+    Export(cmd::export::Args),
     /// Upload a folder to the Hugging Face Hub (commit API).
     Push(cmd::push::Args),
     /// Compile every CUDA kernel ahead of time (NVRTC, no GPU needed) into the kernel cache.
@@ -44,10 +48,12 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => cmd::run::run(args),
         Command::Score(args) => cmd::score::run(args),
         Command::Sample(args) => cmd::sample::run(args),
         Command::Pairs(args) => cmd::pairs::run(args),
         Command::Train(args) => cmd::train::run(args),
+        Command::Export(args) => cmd::export::run(args),
         Command::Push(args) => cmd::push::run(args),
         Command::Kernels(args) => cmd::kernels::run(args),
     };
