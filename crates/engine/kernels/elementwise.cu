@@ -1,8 +1,10 @@
-// elementwise.cu — residual adds and scaling over bf16 tensors, f32 arithmetic.
+// elementwise.cu — residual adds and scaling over bf16 tensors, f32 arithmetic; and the f32
+// variants that LoRA's gradients (accumulated in f32) need.
 //
 // Bandwidth-bound: 16-byte vectors (8 bf16) per thread and a grid-stride loop; the scalar
 // tail covers lengths that are not a multiple of 8. Pointers come from the arena (256-byte
-// aligned), which the launcher checks.
+// aligned), which the launcher checks. The f32 kernels are plain grid-stride loops
+// (consecutive threads read consecutive words: coalesced).
 #include "common.cuh"
 
 // out[i] = a[i] + b[i]; out may alias a (the in-place add).
@@ -43,5 +45,29 @@ extern "C" __global__ void softcap_f32(float *x, float cap, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         x[i] = softcap(x[i], cap);
+    }
+}
+
+// out[i] = a[i] + b[i] in f32; out may alias a (the in-place add).
+extern "C" __global__ void add_f32(float *out, const float *a, const float *b, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = a[i] + b[i];
+    }
+}
+
+// out[i] = a[i] + b[i] with a, out f32 and b bf16: an f32 accumulator taking a bf16 term.
+extern "C" __global__ void add_f32_bf16(float *out, const float *a, const bf16 *b, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = a[i] + bf16_to_f32(b[i]);
+    }
+}
+
+// out[i] = x[i] * s in f32.
+extern "C" __global__ void scale_f32(float *out, const float *x, float s, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = x[i] * s;
     }
 }

@@ -10,6 +10,11 @@
 //   best, arg   running argmax (ties go to the lowest id)
 //   tgt   the target token's logit
 // `logprob_finish` turns the state into logp, entropy, mean logit and argmax.
+//
+// Backward (the gradient of Σ_t g_t · log p_t): after a statistics pass with the kernels
+// above, each logits chunk is recomputed and `logprob_grad_chunk` turns it into dz, the
+// gradient with respect to the logits before the soft-cap, as bf16 (the GEMMs that consume it
+// take bf16 operands); `logprob_cast_bf16` rounds the f32 accumulator of d_hidden at the end.
 #include "common.cuh"
 
 struct Online {
@@ -140,5 +145,47 @@ extern "C" __global__ void logprob_finish(float *logp, float *entropy, float *me
         logp[i] = tgt[i] - log_z;
         entropy[i] = log_z - sl[i] / s[i];
         mean[i] = suml[i] / vocab;
+    }
+}
+
+// One block per token row of the chunk. logits: [rows, vc] f32 before the soft-cap (vocab ids
+// v0 .. v0 + vc); dz: [rows, vc] bf16, written. targets, g (the upstream gradient) and the
+// row's final online state m, s point at the chunk's first token. cap <= 0 means no soft-cap.
+//   lse = m + log s,  l = softcap(z),  p = exp(l − lse),  dl = g · (onehot(target) − p),
+//   dz = dl · (1 − (l/c)²)   (d(c·tanh(z/c))/dz = 1 − tanh²(z/c)).
+// A row with g = 0 gets exact zeros, whatever its logits hold (the CPU reference skips it).
+extern "C" __global__ void logprob_grad_chunk(const float *logits, bf16 *dz, const u32 *targets,
+                                              const float *g, const float *m, const float *s,
+                                              i64 vc, u32 v0, float cap) {
+    const i64 row = blockIdx.x;
+    const float *lr = logits + row * vc;
+    bf16 *out = dz + row * vc;
+    const float gi = g[row];
+    if (gi == 0.0f) {
+        for (i64 v = threadIdx.x; v < vc; v += blockDim.x) out[v] = 0;
+        return;
+    }
+    const float lse = m[row] + logf(s[row]);
+    const i64 target = (i64)targets[row] - (i64)v0;  // outside 0 .. vc: not in this chunk
+    const bool capped = cap > 0.0f;
+    for (i64 v = threadIdx.x; v < vc; v += blockDim.x) {
+        const float l = capped ? softcap(lr[v], cap) : lr[v];
+        // expf, not __expf: p is a result here, not a rescale factor.
+        const float p = expf(l - lse);
+        float d = gi * ((v == target ? 1.0f : 0.0f) - p);
+        if (capped) {
+            const float r = l / cap;
+            d *= 1.0f - r * r;
+        }
+        out[v] = f32_to_bf16(d);
+    }
+}
+
+// out[i] = bf16(in[i]) for i < n, grid-stride: the f32 d_hidden accumulator of a token chunk
+// into the bf16 gradient.
+extern "C" __global__ void logprob_cast_bf16(bf16 *out, const float *in, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = f32_to_bf16(in[i]);
     }
 }

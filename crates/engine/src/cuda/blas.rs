@@ -1,9 +1,16 @@
-//! GEMMs through cuBLASLt: bf16 operands, f32 accumulation, bf16 or f32 output, and the
-//! bias epilogue (qwen2's q/k/v biases) so a biased projection is still one kernel.
+//! GEMMs through cuBLASLt: bf16 operands, f32 accumulation, bf16 or f32 output, the bias
+//! epilogue (qwen2's q/k/v biases) so a biased projection is still one kernel, either operand
+//! read transposed (the backward's `dy · W` and `dyᵀ · x`), and accumulation into the output
+//! (beta = 1: a gradient summed over vocabulary or token chunks).
 //!
 //! Everything is phrased row-major, as the rest of the engine is:
-//! `out[r, c] = Σ_k x[r, k] · w[c, k] (+ bias[c])`, i.e. `x · wᵀ` with HF's `[out, in]`
-//! weights. cuBLASLt is column-major, so this is its "TN" problem with m = cols, n = rows.
+//! `out[r, c] (+)= Σ_k X[r, k] · Y[k, c] (+ bias[c])`, where X [rows, k] is read from `x`
+//! stored `[rows, k]` or `[k, rows]`, and Y [k, cols] from `w` stored `[cols, k]` (HF's
+//! `[out, in]` weights: the forward's `x · wᵀ`) or `[k, cols]` — see [`KAxis`]. cuBLASLt is
+//! column-major, and a row-major `[r, c]` matrix is a column-major `[c, r]` one with the
+//! same leading dimension, so it computes `outᵀ = Yᵀ · Xᵀ` with m = cols, n = rows: A is w,
+//! B is x. The forward's layouts make that cuBLASLt's "TN" problem; each `KAxis::First`
+//! operand flips its transpose flag.
 //!
 //! Descriptors, layouts and the heuristic's algorithm are built once per shape (and pointer
 //! alignment class) and cached: a decoder runs the same handful of shapes every layer.
@@ -24,8 +31,32 @@ pub enum OutType {
     F32,
 }
 
-/// One row-major GEMM `out[rows, cols] = x[rows, k] · w[cols, k]ᵀ (+ bias[cols])`.
-/// Leading dimensions are in elements.
+/// Where the reduction axis k lies in an operand stored row-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KAxis {
+    /// x: [rows, k], w: [cols, k] — the forward's `x · wᵀ` with HF's `[out, in]` weights.
+    Last,
+    /// x: [k, rows], w: [k, cols] — a backward's operands: `dy · W` reads W `[out, in]` as
+    /// [k, cols]; `dyᵀ · x` reads dy `[T, out]` as [k, rows] and x `[T, in]` as [k, cols].
+    First,
+}
+
+impl KAxis {
+    /// How an operand with `outer` rows (x) or cols (w) enters the product, for messages:
+    /// its stored shape, marked ᵀ when it is read transposed.
+    fn operand(self, name: &str, outer: usize, k: usize, stored_as_used: KAxis) -> String {
+        let shape = match self {
+            KAxis::Last => format!("[{outer}, {k}]"),
+            KAxis::First => format!("[{k}, {outer}]"),
+        };
+        let mark = if self == stored_as_used { "" } else { "ᵀ" };
+        format!("{name}{shape}{mark}")
+    }
+}
+
+/// One row-major GEMM `out[rows, cols] (+)= X[rows, k] · Y[k, cols] (+ bias[cols])`, X read
+/// from `x` and Y from `w`, each stored as its [`KAxis`] says. Leading dimensions are in
+/// elements: the row stride of each matrix as stored.
 #[derive(Clone, Copy, Debug)]
 pub struct Gemm {
     pub rows: usize,
@@ -33,15 +64,110 @@ pub struct Gemm {
     pub k: usize,
     pub x: u64,
     pub ld_x: usize,
+    /// `Last`: x is [rows, k]; `First`: x is [k, rows].
+    pub x_k: KAxis,
     pub w: u64,
     pub ld_w: usize,
+    /// `Last`: w is [cols, k]; `First`: w is [k, cols].
+    pub w_k: KAxis,
     pub out: u64,
     pub ld_out: usize,
     pub out_type: OutType,
+    /// Adds the product to what `out` holds (beta = 1) instead of overwriting it (beta = 0).
+    pub accumulate: bool,
     /// bf16 for a bf16 output, f32 for an f32 output (cuBLASLt's default bias type).
     pub bias: Option<u64>,
 }
 
+impl Gemm {
+    /// `out = x · wᵀ` with x [rows, k] and w [cols, k], both dense, and a dense output: the
+    /// forward's GEMM, the starting point the other forms are written from.
+    pub(crate) fn nt(
+        [rows, cols, k]: [usize; 3],
+        x: u64,
+        w: u64,
+        out: u64,
+        out_type: OutType,
+    ) -> Gemm {
+        Gemm {
+            rows,
+            cols,
+            k,
+            x,
+            ld_x: k,
+            x_k: KAxis::Last,
+            w,
+            ld_w: k,
+            w_k: KAxis::Last,
+            out,
+            ld_out: cols,
+            out_type,
+            accumulate: false,
+            bias: None,
+        }
+    }
+
+    /// `out[rows, cols] (+)= x[rows, k] · w[k, cols]`, all dense (e.g. dx = dy · W).
+    pub(crate) fn nn(
+        [rows, cols, k]: [usize; 3],
+        x: u64,
+        w: u64,
+        out: u64,
+        out_type: OutType,
+    ) -> Gemm {
+        Gemm {
+            ld_w: cols,
+            w_k: KAxis::First,
+            ..Gemm::nt([rows, cols, k], x, w, out, out_type)
+        }
+    }
+
+    /// `out[rows, cols] (+)= x[k, rows]ᵀ · w[k, cols]`, all dense: a sum over the k rows the
+    /// operands share (e.g. dW = dyᵀ · x over the tokens).
+    pub(crate) fn tn(
+        [rows, cols, k]: [usize; 3],
+        x: u64,
+        w: u64,
+        out: u64,
+        out_type: OutType,
+    ) -> Gemm {
+        Gemm {
+            ld_x: rows,
+            x_k: KAxis::First,
+            ..Gemm::nn([rows, cols, k], x, w, out, out_type)
+        }
+    }
+
+    /// The same GEMM adding into `out` (beta = 1) when `accumulate`.
+    pub(crate) fn accumulating(self, accumulate: bool) -> Gemm {
+        Gemm { accumulate, ..self }
+    }
+
+    /// The plan this GEMM runs with.
+    fn key(&self) -> PlanKey {
+        PlanKey {
+            rows: self.rows,
+            cols: self.cols,
+            k: self.k,
+            ld_x: self.ld_x,
+            ld_w: self.ld_w,
+            ld_out: self.ld_out,
+            x_k: self.x_k,
+            w_k: self.w_k,
+            out_type: self.out_type,
+            accumulate: self.accumulate,
+            bias: self.bias.is_some(),
+            align: [
+                alignment(self.x),
+                alignment(self.w),
+                alignment(self.out),
+                self.bias.map(alignment).unwrap_or(256),
+            ],
+        }
+    }
+}
+
+/// What a plan depends on: the shape, layouts and types, and the pointers' alignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PlanKey {
     rows: usize,
@@ -50,11 +176,66 @@ struct PlanKey {
     ld_x: usize,
     ld_w: usize,
     ld_out: usize,
+    x_k: KAxis,
+    w_k: KAxis,
     out_type: OutType,
+    /// beta = 1 (C, the output itself, is read). The heuristic is not told beta; keeping it
+    /// in the key only means a plan is never shared between the two, at one more plan.
+    accumulate: bool,
     bias: bool,
     /// Alignment classes (bytes, ≤ 256) of x, w, out, bias: the heuristic may only pick
     /// kernels that the actual pointers satisfy.
     align: [u32; 4],
+}
+
+/// One GEMM operand as cuBLASLt sees it: a column-major `rows × cols` matrix with leading
+/// dimension `ld`, read transposed or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Operand {
+    rows: u64,
+    cols: u64,
+    ld: usize,
+    trans: bool,
+}
+
+impl PlanKey {
+    /// A (from w) and B (from x) for cuBLASLt's `D = op(A) · op(B)`, with D = outᵀ seen
+    /// column-major: m = cols, n = rows. A row-major [r, c] matrix is column-major [c, r],
+    /// so op(A) must be m × k and op(B) k × n:
+    /// - w [cols, k] is stored k × m (transpose it), w [k, cols] is stored m × k;
+    /// - x [rows, k] is stored k × n, x [k, rows] is stored n × k (transpose it).
+    fn operands(&self) -> (Operand, Operand) {
+        let (m, n, k) = (self.cols as u64, self.rows as u64, self.k as u64);
+        let operand = |stored: (u64, u64), ld, trans| Operand {
+            rows: stored.0,
+            cols: stored.1,
+            ld,
+            trans,
+        };
+        let a = match self.w_k {
+            KAxis::Last => operand((k, m), self.ld_w, true),
+            KAxis::First => operand((m, k), self.ld_w, false),
+        };
+        let b = match self.x_k {
+            KAxis::Last => operand((k, n), self.ld_x, false),
+            KAxis::First => operand((n, k), self.ld_x, true),
+        };
+        (a, b)
+    }
+
+    /// `out[rows, cols] (+)= x · w` with the operands' stored shapes, for error messages.
+    fn describe(&self) -> String {
+        let (r, c, k) = (self.rows, self.cols, self.k);
+        format!(
+            "out[{r}, {c}] {} {} · {} ({:?} out{})",
+            if self.accumulate { "+=" } else { "=" },
+            // The product reads x as [rows, k] and w as [k, cols].
+            self.x_k.operand("x", r, k, KAxis::Last),
+            self.w_k.operand("w", c, k, KAxis::First),
+            self.out_type,
+            if self.bias { ", bias" } else { "" }
+        )
+    }
 }
 
 /// Owned cuBLASLt matrix layout.
@@ -166,10 +347,14 @@ impl Blas {
             OutType::Bf16 => bf16,
             OutType::F32 => sys::cudaDataType_t::CUDA_R_32F,
         };
-        let (m, n, k) = (key.cols as u64, key.rows as u64, key.k as u64);
-        // Column-major: A is w stored k × cols (transposed), B is x stored k × rows.
-        let a = Layout::new(bf16, k, m, key.ld_w)?;
-        let b = Layout::new(bf16, k, n, key.ld_x)?;
+        let (m, n) = (key.cols as u64, key.rows as u64);
+        // cublasOperation_t (cublas_api.h; not in cudarc's cublasLt bindings).
+        const CUBLAS_OP_N: i32 = 0;
+        const CUBLAS_OP_T: i32 = 1;
+        let op = |o: &Operand| if o.trans { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let (wa, xb) = key.operands();
+        let (a, trans_a) = (Layout::new(bf16, wa.rows, wa.cols, wa.ld)?, op(&wa));
+        let (b, trans_b) = (Layout::new(bf16, xb.rows, xb.cols, xb.ld)?, op(&xb));
         let d = Layout::new(out_type, m, n, key.ld_out)?;
         let desc = Desc(
             lt::create_matmul_desc(
@@ -183,19 +368,15 @@ impl Blas {
             unsafe { lt::set_matmul_desc_attribute(desc.0, attr, value, size) }
                 .map_err(blas_err("cublasLtMatmulDescSetAttribute"))
         };
-        // cublasOperation_t (cublas_api.h; not in cudarc's cublasLt bindings).
-        const CUBLAS_OP_N: i32 = 0;
-        const CUBLAS_OP_T: i32 = 1;
-        let (trans, no_trans) = (CUBLAS_OP_T, CUBLAS_OP_N);
         use sys::cublasLtMatmulDescAttributes_t as D;
         set_desc(
             D::CUBLASLT_MATMUL_DESC_TRANSA,
-            &trans as *const i32 as *const c_void,
+            &trans_a as *const i32 as *const c_void,
             size_of::<i32>(),
         )?;
         set_desc(
             D::CUBLASLT_MATMUL_DESC_TRANSB,
-            &no_trans as *const i32 as *const c_void,
+            &trans_b as *const i32 as *const c_void,
             size_of::<i32>(),
         )?;
         if key.bias {
@@ -235,16 +416,14 @@ impl Blas {
                 size_of::<u32>(),
             )?;
         }
-        // SAFETY: all handles are live; D uses the same layout as C (beta = 0).
+        // SAFETY: all handles are live; C is D (same buffer, same layout), read only when
+        // accumulating (beta = 1).
         let heuristic = unsafe {
             lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, d.0, d.0, pref.0)
         }
         .map_err(|e| CudaError::Blas {
             call: "cublasLtMatmulAlgoGetHeuristic",
-            msg: format!(
-                "{:?} for out[{}, {}] = x[{}, {}]·wᵀ ({:?} out, bias {})",
-                e.0, key.rows, key.cols, key.rows, key.k, key.out_type, key.bias
-            ),
+            msg: format!("{:?} for {}", e.0, key.describe()),
         })?;
         Ok(Plan {
             desc,
@@ -261,22 +440,7 @@ impl Blas {
     /// Every pointer of `g` must address live device memory of the size its shape implies,
     /// and stay alive until the stream has run the GEMM.
     pub(crate) unsafe fn gemm(&mut self, g: &Gemm, stream: sys::cudaStream_t) -> CudaResult<()> {
-        let key = PlanKey {
-            rows: g.rows,
-            cols: g.cols,
-            k: g.k,
-            ld_x: g.ld_x,
-            ld_w: g.ld_w,
-            ld_out: g.ld_out,
-            out_type: g.out_type,
-            bias: g.bias.is_some(),
-            align: [
-                alignment(g.x),
-                alignment(g.w),
-                alignment(g.out),
-                g.bias.map(alignment).unwrap_or(256),
-            ],
-        };
+        let key = g.key();
         let (handle, workspace, workspace_bytes) =
             (self.handle, self.workspace, self.workspace_bytes);
         let plan = self.plan(key)?;
@@ -294,7 +458,7 @@ impl Blas {
             .map_err(blas_err("cublasLtMatmulDescSetAttribute"))?;
         }
         let alpha = 1.0f32;
-        let beta = 0.0f32;
+        let beta = if g.accumulate { 1.0f32 } else { 0.0 };
         // SAFETY: the caller guarantees the pointers; the plan's layouts match the shape.
         unsafe {
             lt::matmul(
@@ -318,10 +482,7 @@ impl Blas {
         }
         .map_err(|e| CudaError::Blas {
             call: "cublasLtMatmul",
-            msg: format!(
-                "{:?} for out[{}, {}] = x[{}, {}]·wᵀ",
-                e.0, g.rows, g.cols, g.rows, g.k
-            ),
+            msg: format!("{:?} for {}", e.0, key.describe()),
         })
     }
 }
@@ -329,6 +490,146 @@ impl Blas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// cuBLASLt's semantics on host arrays: D (column-major m × n, leading dimension ld_d)
+    /// (+)= op(A) · op(B), with each operand's layout checked as cuBLASLt checks it (ld ≥ its
+    /// stored rows) and every read bounds-checked by the slice.
+    fn column_major_gemm(key: &PlanKey, a: &[f64], b: &[f64], d: &mut [f64]) {
+        let (wa, xb) = key.operands();
+        let (m, n, k) = (key.cols, key.rows, key.k);
+        assert!(wa.ld as u64 >= wa.rows && xb.ld as u64 >= xb.rows && key.ld_out >= m);
+        // op(A) is m × k and op(B) is k × n, whatever the transposes.
+        let (a_dims, b_dims) = ((wa.rows, wa.cols), (xb.rows, xb.cols));
+        let want_a = if wa.trans { (k, m) } else { (m, k) };
+        let want_b = if xb.trans { (n, k) } else { (k, n) };
+        assert_eq!(a_dims, (want_a.0 as u64, want_a.1 as u64), "A layout");
+        assert_eq!(b_dims, (want_b.0 as u64, want_b.1 as u64), "B layout");
+        let at = |o: &Operand, data: &[f64], i: usize, j: usize| {
+            if o.trans {
+                data[j + i * o.ld]
+            } else {
+                data[i + j * o.ld]
+            }
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let sum: f64 = (0..k).map(|p| at(&wa, a, i, p) * at(&xb, b, p, j)).sum();
+                let dst = &mut d[i + j * key.ld_out];
+                *dst = if key.accumulate { *dst + sum } else { sum };
+            }
+        }
+    }
+
+    #[test]
+    fn operands_map_each_row_major_product_onto_cublaslt() {
+        // Distinct values, so a transposed or misplaced read changes the result.
+        let fill = |n: usize, seed: f64| -> Vec<f64> {
+            (0..n).map(|i| ((i as f64 + seed) * 0.37).sin()).collect()
+        };
+        let (rows, cols, k) = (3, 5, 4);
+        // Stored row-major with padded rows (ld > the dense width) to catch ld mix-ups.
+        let pad = 2;
+        let cases = [
+            // x [rows, k], w [cols, k]: out = x · wᵀ.
+            (KAxis::Last, KAxis::Last),
+            // x [rows, k], w [k, cols]: out = x · w.
+            (KAxis::Last, KAxis::First),
+            // x [k, rows], w [k, cols]: out = xᵀ · w.
+            (KAxis::First, KAxis::First),
+            // x [k, rows], w [cols, k]: out = xᵀ · wᵀ.
+            (KAxis::First, KAxis::Last),
+        ];
+        for (x_k, w_k) in cases {
+            let (x_rows, x_width) = match x_k {
+                KAxis::Last => (rows, k),
+                KAxis::First => (k, rows),
+            };
+            let (w_rows, w_width) = match w_k {
+                KAxis::Last => (cols, k),
+                KAxis::First => (k, cols),
+            };
+            let (ld_x, ld_w, ld_out) = (x_width + pad, w_width + pad, cols + pad);
+            let x = fill(x_rows * ld_x, 1.0);
+            let w = fill(w_rows * ld_w, 2.0);
+            let xv = |r: usize, p: usize| match x_k {
+                KAxis::Last => x[r * ld_x + p],
+                KAxis::First => x[p * ld_x + r],
+            };
+            let wv = |p: usize, c: usize| match w_k {
+                KAxis::Last => w[c * ld_w + p],
+                KAxis::First => w[p * ld_w + c],
+            };
+            for accumulate in [false, true] {
+                let key = Gemm {
+                    rows,
+                    cols,
+                    k,
+                    x: 0,
+                    ld_x,
+                    x_k,
+                    w: 0,
+                    ld_w,
+                    w_k,
+                    out: 0,
+                    ld_out,
+                    out_type: OutType::F32,
+                    accumulate,
+                    bias: None,
+                }
+                .key();
+                let before = fill(rows * ld_out, 3.0);
+                let mut out = before.clone();
+                column_major_gemm(&key, &w, &x, &mut out);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let prod: f64 = (0..k).map(|p| xv(r, p) * wv(p, c)).sum();
+                        let want = if accumulate {
+                            before[r * ld_out + c] + prod
+                        } else {
+                            prod
+                        };
+                        let got = out[r * ld_out + c];
+                        assert!(
+                            (got - want).abs() < 1e-12,
+                            "{} at [{r}, {c}]: {got} vs {want}",
+                            key.describe()
+                        );
+                    }
+                    // The padding past `cols` is never written.
+                    for c in cols..ld_out {
+                        assert_eq!(out[r * ld_out + c], before[r * ld_out + c]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn constructors_describe_the_products_they_set_up() {
+        let nt = Gemm::nt([3, 5, 7], 0, 0, 0, OutType::Bf16);
+        assert_eq!((nt.ld_x, nt.ld_w, nt.ld_out), (7, 7, 5));
+        assert_eq!(
+            nt.key().describe(),
+            "out[3, 5] = x[3, 7] · w[5, 7]ᵀ (Bf16 out)"
+        );
+        let nn = Gemm::nn([3, 5, 7], 0, 0, 0, OutType::F32);
+        assert_eq!((nn.ld_x, nn.ld_w, nn.ld_out), (7, 5, 5));
+        assert_eq!(
+            nn.key().describe(),
+            "out[3, 5] = x[3, 7] · w[7, 5] (F32 out)"
+        );
+        let tn = Gemm::tn([3, 5, 7], 0, 0, 0, OutType::F32).accumulating(true);
+        assert_eq!((tn.ld_x, tn.ld_w, tn.ld_out), (3, 5, 5));
+        assert_eq!(
+            tn.key().describe(),
+            "out[3, 5] += x[7, 3]ᵀ · w[7, 5] (F32 out)"
+        );
+        // The forward's plan key is what it was before transposes existed.
+        assert_eq!(
+            (nt.x_k, nt.w_k, nt.accumulate),
+            (KAxis::Last, KAxis::Last, false)
+        );
+    }
 
     #[test]
     fn alignment_classes() {

@@ -27,11 +27,13 @@ pub enum Module {
     Logprobs,
     PagedAttention,
     TopK,
+    Lora,
+    AttentionBackward,
 }
 
 impl Module {
     /// Every module, in the order `prefer kernels` reports them.
-    pub const ALL: [Module; 9] = [
+    pub const ALL: [Module; 11] = [
         Module::Elementwise,
         Module::Activation,
         Module::Embedding,
@@ -41,6 +43,8 @@ impl Module {
         Module::Logprobs,
         Module::PagedAttention,
         Module::TopK,
+        Module::Lora,
+        Module::AttentionBackward,
     ];
 
     /// The file stem under kernels/.
@@ -55,6 +59,8 @@ impl Module {
             Module::Logprobs => "logprobs",
             Module::PagedAttention => "paged_attention",
             Module::TopK => "top_k",
+            Module::Lora => "lora",
+            Module::AttentionBackward => "attention_backward",
         }
     }
 
@@ -69,6 +75,8 @@ impl Module {
             Module::Logprobs => include_str!("../../kernels/logprobs.cu"),
             Module::PagedAttention => include_str!("../../kernels/paged_attention.cu"),
             Module::TopK => include_str!("../../kernels/top_k.cu"),
+            Module::Lora => include_str!("../../kernels/lora.cu"),
+            Module::AttentionBackward => include_str!("../../kernels/attention_backward.cu"),
         }
     }
 
@@ -76,11 +84,11 @@ impl Module {
     /// kernel fails at build (CI) time, not at its first launch.
     pub(crate) fn kernels(self) -> &'static [&'static str] {
         match self {
-            Module::Elementwise => &["add_bf16", "scale_bf16", "softcap_f32"],
-            Module::Activation => &["gated_act_bf16", "gated_act_packed_bf16"],
-            Module::Embedding => &["embedding_bf16"],
-            Module::RmsNorm => &["rms_norm_bf16", "add_rms_norm_bf16"],
-            Module::Rope => &["rope_bf16", "rope_qkv_split_bf16"],
+            Module::Elementwise => super::ops::elementwise::KERNELS,
+            Module::Activation => super::ops::activation::KERNELS,
+            Module::Embedding => super::ops::embedding::KERNELS,
+            Module::RmsNorm => super::ops::rms_norm::KERNELS,
+            Module::Rope => super::ops::rope::KERNELS,
             Module::Attention => &[
                 "attention_fwd_d64_m1",
                 "attention_fwd_d64_m2",
@@ -92,9 +100,11 @@ impl Module {
                 "attention_fwd_d256_m1",
                 "attention_simple",
             ],
-            Module::Logprobs => &["logprob_init", "logprob_chunk", "logprob_finish"],
+            Module::Logprobs => super::ops::logprobs::KERNELS,
             Module::PagedAttention => super::ops::paged_attention::KERNELS,
             Module::TopK => super::ops::top_k::KERNELS,
+            Module::Lora => super::ops::lora_ops::KERNELS,
+            Module::AttentionBackward => super::ops::attention_backward::KERNELS,
         }
     }
 }

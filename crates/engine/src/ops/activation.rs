@@ -75,6 +75,7 @@ pub fn gated_activation_packed(gu: &Tensor, act: Activation) -> Result<Tensor> {
 /// The gradients of [`gated_activation`]: gate, up, dy: [T, I] → (dgate, dup): [T, I], both
 /// assigned. dgate = dy·up·act′(gate), dup = dy·act(gate), in f32 like the forward, with
 /// act′ the derivative of the forward's own formula (`silu_grad` and its siblings).
+/// On a GPU every tensor is bf16 (f32 math inside).
 pub fn gated_activation_backward(
     gate: &Tensor, // [T, I]
     up: &Tensor,   // [T, I]
@@ -82,10 +83,13 @@ pub fn gated_activation_backward(
     dy: &Tensor, // [T, I]
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "gated_activation_backward";
-    super::cpu_only(OP, &[("gate", gate), ("up", up), ("dy", dy)])?;
     let [t, i] = gate.dims(OP, "gate: [T, I]")?;
     up.expect_shape(OP, &[t, i])?;
     dy.expect_shape(OP, &[t, i])?;
+    let on = [("gate", gate), ("up", up), ("dy", dy)];
+    if let Some(gpu) = cuda_ops::device_of(OP, &on)? {
+        return cuda_ops::activation::gated_activation_backward(&gpu, gate, up, act, dy);
+    }
     let (gate, up, dy) = (gate.as_slice()?, up.as_slice()?, dy.as_slice()?);
     let mut dgate = vec![0.0f32; t * i]; // [T, I]
     let mut dup = vec![0.0f32; t * i]; // [T, I]
@@ -102,14 +106,14 @@ pub fn gated_activation_backward(
 }
 
 /// The gradient of [`gated_activation_packed`]: gu: [T, 2I], dy: [T, I] → dgu: [T, 2I]
-/// (assigned), packed like gu: dgate in the first I columns, dup in the last I.
+/// (assigned), packed like gu: dgate in the first I columns, dup in the last I. On a GPU
+/// every tensor is bf16.
 pub fn gated_activation_packed_backward(
     gu: &Tensor, // [T, 2I]
     act: Activation,
     dy: &Tensor, // [T, I]
 ) -> Result<Tensor> {
     const OP: &str = "gated_activation_packed_backward";
-    super::cpu_only(OP, &[("gu", gu), ("dy", dy)])?;
     let [t, two_i] = gu.dims(OP, "gu: [T, 2I]")?;
     if two_i % 2 != 0 {
         return Err(EngineError::Shape {
@@ -120,6 +124,9 @@ pub fn gated_activation_packed_backward(
     }
     let i = two_i / 2;
     dy.expect_shape(OP, &[t, i])?;
+    if let Some(gpu) = cuda_ops::device_of(OP, &[("gu", gu), ("dy", dy)])? {
+        return cuda_ops::activation::gated_activation_packed_backward(&gpu, gu, act, dy);
+    }
     let (gu, dy) = (gu.as_slice()?, dy.as_slice()?);
     let mut dgu = vec![0.0f32; t * two_i]; // [T, 2I]
     if i > 0 {

@@ -8,9 +8,10 @@
 //! scores, and no unsafe sharing).
 //!
 //! [`attention_backward`] takes the forward's inputs, its `out` and `lse`, and dL/d`out`, and
-//! returns dq, dk, dv (CPU only for now). It recomputes the probabilities from `lse` in two
-//! passes built the same way: (head, query block) tasks for dq, then (kv head, key block)
-//! tasks for dk and dv, so every task again writes only its own rows.
+//! returns dq, dk, dv (on a GPU: cuda/ops/attention_backward.rs). On the CPU it recomputes the
+//! probabilities from `lse` in two passes built the same way: (head, query block) tasks for
+//! dq, then (kv head, key block) tasks for dk and dv, so every task again writes only its own
+//! rows.
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -410,8 +411,9 @@ const BACKWARD_BLOCKS: BackwardBlocks = BackwardBlocks {
 /// dQ, then over (kv head, key block) for dK and dV. Both recompute the scores (seven products
 /// where a fused kernel needs five) but need no shared writes and no [T × T] buffer.
 ///
-/// Accepts exactly what the forward accepts. CPU only for now: a GPU tensor is an
-/// [`EngineError::Unsupported`].
+/// Accepts exactly what the forward accepts. On the GPU (kernels/attention_backward.cu) q, k,
+/// v, `out` and `d_out` are bf16 and `lse` f32, as the GPU forward returns them; dq, dk and
+/// dv come back bf16, and head dims above 256 are [`EngineError::Unsupported`] there.
 #[allow(clippy::too_many_arguments)] // The forward's inputs, its saved outputs, their gradient.
 pub fn attention_backward(
     q: &Tensor,     // [Tq, H, D]
@@ -449,17 +451,19 @@ fn attention_backward_in_blocks(
         ("lse", lse),
         ("d_out", d_out),
     ];
-    if cuda_ops::device_of(OP, &tensors)?.is_some() {
-        return Err(EngineError::Unsupported {
-            op: "attention_backward (it has no CUDA path yet)",
-            device: q.device().to_string(),
-        });
-    }
+    let gpu = cuda_ops::device_of(OP, &tensors)?;
+    // One set of rules for both devices, checked here; the GPU launcher only repeats the shape
+    // guards its kernels rely on and adds its own rules (dtypes, D ≤ 256).
     let (tq, tkv, dims) = check_inputs(OP, q, k, v, layout, params)?;
     let Dims { h, hkv, d } = dims;
     expect_named(OP, "out", "[Tq, H, D]", out, &[tq, h, d])?;
     expect_named(OP, "lse", "[H, Tq]", lse, &[h, tq])?;
     expect_named(OP, "d_out", "[Tq, H, D]", d_out, &[tq, h, d])?;
+    if let Some(gpu) = gpu {
+        return cuda_ops::attention_backward::attention_backward(
+            &gpu, q, k, v, out, lse, d_out, layout, params,
+        );
+    }
     if tq == 0 || h == 0 || d == 0 {
         // No query, or nothing to differentiate: every gradient is zero (or empty).
         return Ok(AttentionGrads {

@@ -1,5 +1,8 @@
 //! Elementwise ops: residual adds and scaling; and [`sum_over_rows`], the deterministic
 //! reduction over tokens that the backwards use for weight and bias gradients.
+//!
+//! On a GPU these take bf16 (activations) and f32 tensors (LoRA's parameters and gradient
+//! accumulators); see each function for the dtype of its output.
 use rayon::prelude::*;
 
 use crate::cuda::ops as cuda_ops;
@@ -10,7 +13,7 @@ const PAR_MIN: usize = 1 << 15;
 /// Elements per rayon task: large enough to amortise the task, small enough to balance.
 const PAR_CHUNK: usize = 1 << 13;
 
-/// a + b, same shapes.
+/// a + b, same shapes. On a GPU a and b share one dtype (bf16 or f32), the sum's.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(gpu) = cuda_ops::device_of("add", &[("a", a), ("b", b)])? {
         return cuda_ops::elementwise::add(&gpu, a, b);
@@ -20,7 +23,8 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
-/// a += b, same shapes.
+/// a += b, same shapes. On a GPU: bf16 += bf16, f32 += f32, or f32 += bf16 (an f32
+/// accumulator taking a bf16 term); a's dtype is kept.
 pub fn add_inplace(a: &mut Tensor, b: &Tensor) -> Result<()> {
     if let Some(gpu) = cuda_ops::device_of("add", &[("a", a), ("b", b)])? {
         return cuda_ops::elementwise::add_inplace(&gpu, a, b);
@@ -45,7 +49,7 @@ pub fn add_inplace(a: &mut Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// x · s.
+/// x · s, in x's dtype (bf16 or f32 on a GPU).
 pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     if let Some(gpu) = cuda_ops::device_of("scale", &[("x", x)])? {
         return cuda_ops::elementwise::scale(&gpu, x, s);

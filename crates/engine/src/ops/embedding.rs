@@ -54,11 +54,11 @@ fn embedding_cpu(table: &Tensor, ids: &[u32], scale: f32) -> Result<Tensor> {
 /// accumulate; rows no id names stay zero. An id ≥ V is an error naming its position.
 ///
 /// The positions are bucketed by id first (a counting sort keeps them in order), so each
-/// table row is summed by one task, in f64 and in position order: parallel over rows, and
-/// the same bits whatever the thread count.
+/// table row is summed by one task in position order: parallel over rows, and the same bits
+/// whatever the thread count. On the CPU the sums are f64; on a GPU dy is bf16, d_table f32,
+/// and each (row, column) is summed in f32 by one thread — deterministic too (no atomics).
 pub fn embedding_backward(ids: &[u32], dy: &Tensor, rows: usize, scale: f32) -> Result<Tensor> {
     const OP: &str = "embedding_backward";
-    super::cpu_only(OP, &[("dy", dy)])?;
     let [t, c] = dy.dims(OP, "dy: [T, C]")?;
     if ids.len() != t {
         return Err(EngineError::Shape {
@@ -67,27 +67,11 @@ pub fn embedding_backward(ids: &[u32], dy: &Tensor, rows: usize, scale: f32) -> 
             got: dy.shape().to_vec(),
         });
     }
-    // starts[v]..starts[v + 1] is row v's bucket in `order`.
-    let mut starts = vec![0usize; rows + 1]; // [V + 1]
-    for (pos, &id) in ids.iter().enumerate() {
-        let id = id as usize;
-        if id >= rows {
-            return Err(EngineError::Arg {
-                op: OP,
-                msg: format!("ids[{pos}] = {id} is out of range for a table of {rows} rows"),
-            });
-        }
-        starts[id + 1] += 1;
+    let buckets = IdBuckets::new(OP, ids, rows)?;
+    if let Some(gpu) = cuda_ops::device_of(OP, &[("dy", dy)])? {
+        return cuda_ops::embedding::embedding_backward(&gpu, &buckets, dy, rows, scale);
     }
-    for v in 0..rows {
-        starts[v + 1] += starts[v];
-    }
-    let mut order = vec![0usize; t]; // [T] positions grouped by id
-    let mut next = starts.clone();
-    for (pos, &id) in ids.iter().enumerate() {
-        order[next[id as usize]] = pos;
-        next[id as usize] += 1;
-    }
+    let IdBuckets { starts, order } = &buckets;
     let dy = dy.as_slice()?;
     let mut d_table = vec![0.0f32; rows * c]; // [V, C]
     if c > 0 {
@@ -115,6 +99,43 @@ pub fn embedding_backward(ids: &[u32], dy: &Tensor, rows: usize, scale: f32) -> 
             );
     }
     Tensor::from_vec(d_table, &[rows, c])
+}
+
+/// Token positions grouped by id (a counting sort, positions in increasing order within
+/// each id): what both devices' [`embedding_backward`] sum over.
+#[derive(Clone, Debug)]
+pub(crate) struct IdBuckets {
+    /// starts[v]..starts[v + 1] is id v's range in `order`; [V + 1].
+    pub starts: Vec<usize>,
+    /// Positions 0..T grouped by id; [T].
+    pub order: Vec<usize>,
+}
+
+impl IdBuckets {
+    /// Buckets `ids` for a table of `rows` rows; an id ≥ rows is an error naming its position.
+    fn new(op: &'static str, ids: &[u32], rows: usize) -> Result<IdBuckets> {
+        let mut starts = vec![0usize; rows + 1]; // [V + 1]
+        for (pos, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id >= rows {
+                return Err(EngineError::Arg {
+                    op,
+                    msg: format!("ids[{pos}] = {id} is out of range for a table of {rows} rows"),
+                });
+            }
+            starts[id + 1] += 1;
+        }
+        for v in 0..rows {
+            starts[v + 1] += starts[v];
+        }
+        let mut order = vec![0usize; ids.len()]; // [T]
+        let mut next = starts.clone();
+        for (pos, &id) in ids.iter().enumerate() {
+            order[next[id as usize]] = pos;
+            next[id as usize] += 1;
+        }
+        Ok(IdBuckets { starts, order })
+    }
 }
 
 #[cfg(test)]

@@ -52,10 +52,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// dx = dy · W, the input gradient of [`linear`]: dy: [T, N], w: [N, K] → dx: [T, K]
-/// (assigned). The bias, if any, does not enter it.
+/// (assigned). The bias, if any, does not enter it. On the GPU: bf16 in, bf16 out.
 pub fn linear_backward_input(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     const OP: &str = "linear_backward_input";
-    super::cpu_only(OP, &[("dy", dy), ("w", w)])?;
+    let gpu = cuda_ops::device_of(OP, &[("dy", dy), ("w", w)])?;
     let [t, n] = dy.dims(OP, "dy: [T, N]")?;
     let [nw, k] = w.dims(OP, "w: [N, K]")?;
     if nw != n {
@@ -65,16 +65,20 @@ pub fn linear_backward_input(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
             got: w.shape().to_vec(),
         });
     }
+    if let Some(gpu) = gpu {
+        return cuda_ops::linear::linear_backward_input(&gpu, dy, w, [t, n, k]);
+    }
     let mut dx = vec![0.0f32; t * k]; // [T, K]
     matmul_nn(&mut dx, dy.as_slice()?, w.as_slice()?, [t, k, n]);
     Tensor::from_vec(dx, &[t, k])
 }
 
 /// dW = dyᵀ · x, the weight gradient of [`linear`]: dy: [T, N], x: [T, K] → dw: [N, K]
-/// (assigned), summed over the T tokens in f32 by gemm.
+/// (assigned), summed over the T tokens in f32 by gemm. On the GPU: bf16 in, f32 out (a
+/// parameter gradient).
 pub fn linear_backward_weight(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     const OP: &str = "linear_backward_weight";
-    super::cpu_only(OP, &[("dy", dy), ("x", x)])?;
+    let gpu = cuda_ops::device_of(OP, &[("dy", dy), ("x", x)])?;
     let [t, n] = dy.dims(OP, "dy: [T, N]")?;
     let [tx, k] = x.dims(OP, "x: [T, K]")?;
     if tx != t {
@@ -84,6 +88,9 @@ pub fn linear_backward_weight(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
             got: x.shape().to_vec(),
         });
     }
+    if let Some(gpu) = gpu {
+        return cuda_ops::linear::linear_backward_weight(&gpu, dy, x, [t, n, k]);
+    }
     let mut dw = vec![0.0f32; n * k]; // [N, K]
     matmul_tn(&mut dw, dy.as_slice()?, x.as_slice()?, [n, k, t]);
     Tensor::from_vec(dw, &[n, k])
@@ -91,11 +98,14 @@ pub fn linear_backward_weight(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 /// db = Σ_t dy, the bias gradient of [`linear`]: dy: [T, N] → db: [N] (assigned), summed in
 /// f64 in a fixed order (`sum_over_rows`: the same bits whatever the thread count) and rounded
-/// once.
+/// once. On the GPU: bf16 in, f32 out, summed in f32 (a GEMM against ones).
 pub fn bias_backward(dy: &Tensor) -> Result<Tensor> {
     const OP: &str = "bias_backward";
-    super::cpu_only(OP, &[("dy", dy)])?;
+    let gpu = cuda_ops::device_of(OP, &[("dy", dy)])?;
     let [t, n] = dy.dims(OP, "dy: [T, N]")?;
+    if let Some(gpu) = gpu {
+        return cuda_ops::linear::bias_backward(&gpu, dy, [t, n]);
+    }
     let dy = dy.as_slice()?;
     let db = sum_over_rows(t, n, |row, acc| {
         for (acc, &v) in acc.iter_mut().zip(&dy[row * n..(row + 1) * n]) {

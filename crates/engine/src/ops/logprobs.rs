@@ -18,10 +18,16 @@
 //! second pass runs one task per group of token chunks; d_hidden and d_u rows belong to one
 //! group, and d_b, a sum over all rows, gets one [V, R] partial per group, summed in group
 //! order at the end (no shared writes, deterministic for a given thread count).
+//!
+//! On a GPU (cuda/ops/logprobs.rs) the same two passes run with cuBLASLt GEMMs and the
+//! kernels of kernels/logprobs.cu; [`check_call`] holds the argument rules both devices apply.
+use std::sync::Arc;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::linear::{Strided, StridedRef, gemm_strided, matmul_nt};
+use crate::cuda::CudaBackend;
 use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
@@ -101,21 +107,15 @@ pub fn token_logprobs(
             chunks,
         );
     }
-    let ops = Operands::check(
-        "token_logprobs",
-        hidden,
-        head,
-        None,
-        targets,
-        final_softcap,
-        chunks,
-    )?;
+    const OP: &str = "token_logprobs";
+    let dims = check_call(OP, hidden, head, None, targets, final_softcap, chunks)?;
+    let ops = Operands::new(hidden, head, None, targets, final_softcap, chunks, dims)?;
     Ok(ops.token_stats())
 }
 
 /// [`token_logprobs`] with an optional low-rank term: logits are
-/// `softcap(hidden · headᵀ + u · bᵀ)`, u: [T, R], b: [V, R]. CPU only with the term; without
-/// it, this is [`token_logprobs`] (GPU included).
+/// `softcap(hidden · headᵀ + u · bᵀ)`, u: [T, R], b: [V, R]. Without the term, this is
+/// [`token_logprobs`]. On the GPU every operand is bf16 (f32 logits inside).
 pub fn token_logprobs_low_rank(
     hidden: &Tensor,
     head: &Tensor,
@@ -128,15 +128,30 @@ pub fn token_logprobs_low_rank(
         return token_logprobs(hidden, head, targets, final_softcap, chunks);
     }
     const OP: &str = "token_logprobs_low_rank";
-    refuse_gpu(OP, hidden, head, low_rank)?;
-    let ops = Operands::check(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
+    let gpu = device_of(OP, hidden, head, low_rank)?;
+    let dims = check_call(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
+    if let Some(gpu) = gpu {
+        let call = cuda_ops::logprobs::Call {
+            hidden,
+            head,
+            low_rank,
+            targets,
+            final_softcap,
+            chunks,
+            dims,
+        };
+        return cuda_ops::logprobs::token_logprobs_low_rank(&gpu, &call);
+    }
+    let ops = Operands::new(hidden, head, low_rank, targets, final_softcap, chunks, dims)?;
     Ok(ops.token_stats())
 }
 
 /// Gradient of Σ_t d_logp[t] · log p_t(targets[t]) under the logits of
 /// [`token_logprobs_low_rank`], with respect to hidden [T, C] and, when `low_rank` is given,
 /// u [T, R] and b [V, R]. `head` gets no gradient (it is frozen; LoRA trains A and B through
-/// u and b). d_logp: [T], finite; rows where it is 0 cost nothing. CPU only for now.
+/// u and b). d_logp: [T], finite; rows where it is 0 cost nothing on the CPU (on the GPU they
+/// are computed, as zeros). On the GPU the operands are bf16; d_hidden comes back bf16, d_u
+/// and d_b f32.
 pub fn token_logprobs_backward(
     d_logp: &[f32],
     hidden: &Tensor,
@@ -147,15 +162,15 @@ pub fn token_logprobs_backward(
     chunks: LogProbChunks,
 ) -> Result<LogProbGrads> {
     const OP: &str = "token_logprobs_backward";
-    refuse_gpu(OP, hidden, head, low_rank)?;
-    let all = Operands::check(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
-    if d_logp.len() != all.t {
+    let gpu = device_of(OP, hidden, head, low_rank)?;
+    let dims = check_call(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
+    let t = dims[0];
+    if d_logp.len() != t {
         return Err(EngineError::Arg {
             op: OP,
             msg: format!(
-                "{} upstream gradients (d_logp) for {} hidden rows",
+                "{} upstream gradients (d_logp) for {t} hidden rows",
                 d_logp.len(),
-                all.t
             ),
         });
     }
@@ -165,6 +180,19 @@ pub fn token_logprobs_backward(
             msg: format!("upstream gradient d_logp[{row}] is {g}; it must be finite"),
         });
     }
+    if let Some(gpu) = gpu {
+        let call = cuda_ops::logprobs::Call {
+            hidden,
+            head,
+            low_rank,
+            targets,
+            final_softcap,
+            chunks,
+            dims,
+        };
+        return cuda_ops::logprobs::token_logprobs_backward(&gpu, d_logp, &call);
+    }
+    let all = Operands::new(hidden, head, low_rank, targets, final_softcap, chunks, dims)?;
 
     let active: Vec<usize> = (0..all.t).filter(|&i| d_logp[i] != 0.0).collect();
     let kept = KeptRows::gather(&all, d_logp, &active);
@@ -238,25 +266,58 @@ pub(crate) fn check_head(
     Ok((t, v, c))
 }
 
-/// The low-rank term and the backward have no CUDA path yet: a GPU input is an error that
-/// says so (and inputs split across devices are the usual mismatch error).
-fn refuse_gpu(
+/// The GPU the operands live on (None on the CPU); operands split across devices are the
+/// usual mismatch error naming them.
+fn device_of(
     op: &'static str,
     hidden: &Tensor,
     head: &Tensor,
     low_rank: Option<LowRank<'_>>,
-) -> Result<()> {
+) -> Result<Option<Arc<CudaBackend>>> {
     let mut inputs = vec![("hidden", hidden), ("head", head)];
     if let Some(lr) = low_rank {
         inputs.extend([("u", lr.u), ("b", lr.b)]);
     }
-    if cuda_ops::device_of(op, &inputs)?.is_some() {
-        return Err(EngineError::Unsupported {
+    cuda_ops::device_of(op, &inputs)
+}
+
+/// Every argument rule of a call, shared by the CPU path and the CUDA launchers: shapes,
+/// soft-cap, targets (one per row, each < V), chunk sizes ≥ 1 and the low-rank shapes.
+/// Returns [T, V, C, R] (R = 0 without a low-rank term).
+fn check_call(
+    op: &'static str,
+    hidden: &Tensor,
+    head: &Tensor,
+    low_rank: Option<LowRank<'_>>,
+    targets: &[u32],
+    final_softcap: Option<f32>,
+    chunks: LogProbChunks,
+) -> Result<[usize; 4]> {
+    let (t, v, c) = check_head(op, hidden, head, final_softcap)?;
+    if targets.len() != t {
+        return Err(EngineError::Arg {
             op,
-            device: format!("{} (there is no CUDA path yet)", hidden.device()),
+            msg: format!("{} targets for {t} hidden rows", targets.len()),
         });
     }
-    Ok(())
+    if let Some(&bad) = targets.iter().find(|&&id| id as usize >= v) {
+        return Err(EngineError::Index {
+            op,
+            index: bad as usize,
+            limit: v,
+        });
+    }
+    if chunks.tokens == 0 || chunks.vocab == 0 {
+        return Err(EngineError::Arg {
+            op,
+            msg: format!("chunk sizes must be ≥ 1, got {chunks:?}"),
+        });
+    }
+    let r = match low_rank {
+        Some(lr) => check_low_rank(op, lr, t, v)?,
+        None => 0,
+    };
+    Ok([t, v, c, r])
 }
 
 /// tanh(x / c) · c, in HF's order of operations.
@@ -296,37 +357,22 @@ struct LowRankRows<'a> {
 }
 
 impl<'a> Operands<'a> {
-    fn check(
-        op: &'static str,
+    /// The operands of a call that [`check_call`] has passed, with its `[t, v, c, r]`.
+    fn new(
         hidden: &'a Tensor,
         head: &'a Tensor,
         low_rank: Option<LowRank<'a>>,
         targets: &'a [u32],
         final_softcap: Option<f32>,
         chunks: LogProbChunks,
+        [t, v, c, r]: [usize; 4],
     ) -> Result<Operands<'a>> {
-        let (t, v, c) = check_head(op, hidden, head, final_softcap)?;
-        if targets.len() != t {
-            return Err(EngineError::Arg {
-                op,
-                msg: format!("{} targets for {t} hidden rows", targets.len()),
-            });
-        }
-        if let Some(&bad) = targets.iter().find(|&&id| id as usize >= v) {
-            return Err(EngineError::Index {
-                op,
-                index: bad as usize,
-                limit: v,
-            });
-        }
-        if chunks.tokens == 0 || chunks.vocab == 0 {
-            return Err(EngineError::Arg {
-                op,
-                msg: format!("chunk sizes must be ≥ 1, got {chunks:?}"),
-            });
-        }
         let low_rank = match low_rank {
-            Some(lr) => Some(check_low_rank(op, lr, t, v)?),
+            Some(lr) => Some(LowRankRows {
+                u: lr.u.as_slice()?,
+                b: lr.b.as_slice()?,
+                r,
+            }),
             None => None,
         };
         Ok(Operands {
@@ -555,13 +601,8 @@ impl<'a> Operands<'a> {
     }
 }
 
-/// Checks u [T, R] and b [V, R] against the T of hidden and the V of head.
-fn check_low_rank<'a>(
-    op: &'static str,
-    low_rank: LowRank<'a>,
-    t: usize,
-    v: usize,
-) -> Result<LowRankRows<'a>> {
+/// Checks u [T, R] and b [V, R] against the T of hidden and the V of head; returns R.
+fn check_low_rank(op: &'static str, low_rank: LowRank<'_>, t: usize, v: usize) -> Result<usize> {
     let [tu, r] = low_rank.u.dims(op, "u: [T, R]")?;
     if tu != t {
         return Err(EngineError::Shape {
@@ -577,11 +618,7 @@ fn check_low_rank<'a>(
             got: low_rank.b.shape().to_vec(),
         });
     }
-    Ok(LowRankRows {
-        u: low_rank.u.as_slice()?,
-        b: low_rank.b.as_slice()?,
-        r,
-    })
+    Ok(r)
 }
 
 /// The rows of a backward call that have a nonzero upstream gradient, copied contiguous so

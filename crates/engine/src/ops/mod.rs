@@ -6,8 +6,9 @@
 //!
 //! Backwards take the forward's arguments (or what the forward saved) followed by the output
 //! gradient `dy`, and return freshly assigned gradients named `d…` (nothing is accumulated
-//! into a caller's buffer). They run on the CPU only for now: a GPU input is an
-//! [`EngineError::Unsupported`] error, never a silent copy to the host.
+//! into a caller's buffer). Each runs on the device of its inputs (inputs split across
+//! devices are an error naming them, never a silent copy); on a GPU, activation gradients
+//! are bf16 and parameter gradients f32, as each op's doc says.
 
 mod activation;
 mod attention;
@@ -16,6 +17,7 @@ mod embedding;
 mod linear;
 mod logits_at_least;
 mod logprobs;
+mod lora_ops;
 pub(crate) mod paged_attention;
 mod rms_norm;
 mod rope;
@@ -36,6 +38,10 @@ pub use logprobs::{
     LogProbChunks, LogProbGrads, LowRank, LowRankGrads, TokenStats, logits, token_logprobs,
     token_logprobs_backward, token_logprobs_low_rank,
 };
+pub use lora_ops::{
+    DropoutKey, add_into_columns, apply_dropout, apply_dropout_backward, columns, dropout_hash,
+    dropout_mask, transpose,
+};
 pub use paged_attention::{
     PagedKernel, PagedLayout, SlotMapping, kv_pool, paged_attention, paged_attention_with,
     paged_kv_write,
@@ -45,25 +51,11 @@ pub use rope::{Rope, RopeScaling, rope, rope_backward, rope_qkv_split, rope_qkv_
 pub use top_k::{MAX_TOP_K, TopK, top_k_candidates};
 pub use top_k::{PendingTopK, top_k_candidates_queued};
 
-// Argument rules the CUDA launchers apply too, so both devices refuse the same inputs.
+// Argument rules (and the id bucketing of the embedding backward) the CUDA launchers share,
+// so both devices refuse the same inputs.
 pub(crate) use attention::check_params as check_attention_params;
+pub(crate) use embedding::IdBuckets;
 pub(crate) use logprobs::check_head as check_lm_head;
-
-use crate::{Device, EngineError, Result, Tensor};
-
-/// Refuses GPU inputs to an op that has only its CPU reference so far (the backwards), saying
-/// so instead of copying the tensors to the host behind the caller's back. Inputs split
-/// across devices get `device_of`'s error naming them.
-pub(crate) fn cpu_only(op: &'static str, inputs: &[(&str, &Tensor)]) -> Result<()> {
-    if crate::cuda::ops::device_of(op, inputs)?.is_some() {
-        let device = inputs.first().map_or(Device::Cpu, |(_, t)| t.device());
-        return Err(EngineError::Unsupported {
-            op,
-            device: format!("{device}: it has no CUDA path yet, pass CPU tensors"),
-        });
-    }
-    Ok(())
-}
 
 /// Gradient checks for the backwards' tests: central finite differences of a scalar f64
 /// function, which each test writes as a naive loop independent of the crate's forward.

@@ -72,6 +72,9 @@ pub fn add_rms_norm(
 ///   every x of the row).
 ///
 /// Each row is worked out in f64 (the forward's mean of squares is f64 too) and rounded once.
+///
+/// On a GPU (x, w, dy bf16): dx is bf16, dw f32, both from f32 math; dw is reduced over the
+/// tokens in a fixed order (the same bits on every run).
 pub fn rms_norm_backward(
     x: &Tensor, // [T, C]
     w: &Tensor, // [C]
@@ -80,10 +83,12 @@ pub fn rms_norm_backward(
     dy: &Tensor, // [T, C]
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "rms_norm_backward";
-    super::cpu_only(OP, &[("x", x), ("w", w), ("dy", dy)])?;
     let [t, c] = x.dims(OP, "x: [T, C]")?;
     w.expect_shape(OP, &[c])?;
     dy.expect_shape(OP, &[t, c])?;
+    if let Some(gpu) = cuda_ops::device_of(OP, &[("x", x), ("w", w), ("dy", dy)])? {
+        return cuda_ops::rms_norm::rms_norm_backward(&gpu, x, w, eps, weight_offset, dy);
+    }
     if c == 0 {
         return Ok((Tensor::zeros(&[t, 0]), Tensor::zeros(&[0])));
     }

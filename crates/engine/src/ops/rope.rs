@@ -131,13 +131,16 @@ pub fn rope(x: &mut Tensor, positions: &[u32], rope: &Rope) -> Result<()> {
 ///
 /// Per (token, pair) the forward multiplies by s·[[cos, −sin], [sin, cos]] (s =
 /// `attention_scaling`), so dx is the transpose applied to dy: the inverse rotation, scaled
-/// by s. The same code as the forward turns the pairs, with sin negated.
+/// by s. The same code as the forward turns the pairs, with sin negated. On a GPU grad is
+/// bf16 (f32 math inside, as the forward).
 pub fn rope_backward(grad: &mut Tensor, positions: &[u32], rope: &Rope) -> Result<()> {
     const OP: &str = "rope_backward";
-    super::cpu_only(OP, &[("grad", grad)])?;
     let [t, heads, d] = grad.dims(OP, "grad: [T, heads, D]")?;
     check_head_dim(OP, "grad", grad.shape(), d, rope)?;
     check_positions(OP, positions, t)?;
+    if let Some(gpu) = cuda_ops::device_of(OP, &[("grad", grad)])? {
+        return cuda_ops::rope::rope_backward(&gpu, grad, positions, rope);
+    }
     turn_heads(grad, heads * d, heads, positions, rope, Turn::Transpose)
 }
 
@@ -282,7 +285,7 @@ pub fn rope_qkv_split(
 ///
 /// The forward copies q, k and v out of each row and rotates q and k, so the backward packs
 /// the three gradients back into rows and turns the q and k heads (the first H + Hkv of each
-/// row) the other way, as [`rope_backward`] does.
+/// row) the other way, as [`rope_backward`] does. On a GPU dq, dk, dv and dqkv are bf16.
 pub fn rope_qkv_split_backward(
     dq: &Tensor, // [T, H, D]
     dk: &Tensor, // [T, Hkv, D]
@@ -291,7 +294,6 @@ pub fn rope_qkv_split_backward(
     rope_t: &Rope,
 ) -> Result<Tensor> {
     const OP: &str = "rope_qkv_split_backward";
-    super::cpu_only(OP, &[("dq", dq), ("dk", dk), ("dv", dv)])?;
     let [t, heads, d] = dq.dims(OP, "dq: [T, H, D]")?;
     let [_, kv_heads, _] = dk.dims(OP, "dk: [T, Hkv, D]")?;
     dk.expect_shape(OP, &[t, kv_heads, d])?;
@@ -305,6 +307,9 @@ pub fn rope_qkv_split_backward(
     }
     check_head_dim(OP, "dq", dq.shape(), d, rope_t)?;
     check_positions(OP, positions, t)?;
+    if let Some(gpu) = cuda_ops::device_of(OP, &[("dq", dq), ("dk", dk), ("dv", dv)])? {
+        return cuda_ops::rope::rope_qkv_split_backward(&gpu, dq, dk, dv, positions, rope_t);
+    }
     let width = (heads + 2 * kv_heads) * d;
     let (dq_s, dk_s, dv_s) = (dq.as_slice()?, dk.as_slice()?, dv.as_slice()?);
     let mut dqkv = Vec::with_capacity(t * width); // [T, (H + 2·Hkv)·D]

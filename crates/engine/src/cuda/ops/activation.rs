@@ -1,4 +1,5 @@
-//! Gated MLP activation on the GPU (kernels/activation.cu).
+//! Gated MLP activation on the GPU, and its backward (kernels/activation.cu). Every tensor
+//! here is bf16; the arithmetic is f32.
 
 use std::sync::Arc;
 
@@ -8,6 +9,14 @@ use crate::cuda::kernels::Module;
 use crate::cuda::storage::DType;
 use crate::ops::Activation;
 use crate::{Result, Tensor};
+
+/// The kernels of kernels/activation.cu.
+pub(crate) const KERNELS: &[&str] = &[
+    "gated_act_bf16",
+    "gated_act_packed_bf16",
+    "gated_act_backward_bf16",
+    "gated_act_packed_backward_bf16",
+];
 
 const BLOCK: u32 = 256;
 
@@ -88,4 +97,93 @@ pub(crate) fn gated_activation_packed(
         }?;
     }
     Ok(out)
+}
+
+/// The gradients of act(gate) · up: gate, up, dy: [T, I] bf16 → (dgate, dup): [T, I] bf16,
+/// assigned. The caller has checked the shapes.
+pub(crate) fn gated_activation_backward(
+    backend: &Arc<CudaBackend>,
+    gate: &Tensor,
+    up: &Tensor,
+    act: Activation,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "gated_activation_backward";
+    let (pg, pu, pdy) = (
+        bf16_ptr(OP, "gate", gate)?,
+        bf16_ptr(OP, "up", up)?,
+        bf16_ptr(OP, "dy", dy)?,
+    );
+    let dgate = empty(backend, gate.shape(), DType::Bf16)?;
+    let dup = empty(backend, gate.shape(), DType::Bf16)?;
+    let n = gate.len();
+    if n > 0 {
+        let (pdg, pdu) = (bf16_ptr(OP, "dgate", &dgate)?, bf16_ptr(OP, "dup", &dup)?);
+        let kernel = backend.kernel(Module::Activation, "gated_act_backward_bf16")?;
+        let (n64, act) = (n as i64, code(act));
+        let grid = grid_stride(backend, n / 8 + 1, BLOCK);
+        // SAFETY: dgate, dup, gate, up, dy hold n bf16 each (arena buffers, 256-byte aligned
+        // for the 16-byte vectors).
+        unsafe {
+            backend.launch(
+                &kernel,
+                (grid, 1, 1),
+                (BLOCK, 1, 1),
+                0,
+                &mut params![pdg, pdu, pg, pu, pdy, n64, act],
+            )
+        }?;
+    }
+    Ok((dgate, dup))
+}
+
+/// The gradient of the packed activation: gu: [T, 2I] bf16, dy: [T, I] bf16 → dgu: [T, 2I]
+/// bf16 (dgate in the first I columns, dup in the last I), assigned. The caller has checked
+/// the shapes.
+pub(crate) fn gated_activation_packed_backward(
+    backend: &Arc<CudaBackend>,
+    gu: &Tensor,
+    act: Activation,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "gated_activation_packed_backward";
+    let [rows, two_i] = gu.dims(OP, "gu: [T, 2I]")?;
+    let inter = two_i / 2;
+    dy.expect_shape(OP, &[rows, inter])?;
+    let (pgu, pdy) = (bf16_ptr(OP, "gu", gu)?, bf16_ptr(OP, "dy", dy)?);
+    let dgu = empty(backend, gu.shape(), DType::Bf16)?;
+    let n = rows * inter;
+    if n > 0 {
+        let pdgu = bf16_ptr(OP, "dgu", &dgu)?;
+        let kernel = backend.kernel(Module::Activation, "gated_act_packed_backward_bf16")?;
+        let (rows64, inter64, act) = (rows as i64, inter as i64, code(act));
+        let grid = grid_stride(backend, n / 8 + 1, BLOCK);
+        // SAFETY: gu and dgu hold rows·2I bf16, dy rows·I.
+        unsafe {
+            backend.launch(
+                &kernel,
+                (grid, 1, 1),
+                (BLOCK, 1, 1),
+                0,
+                &mut params![pdgu, pgu, pdy, rows64, inter64, act],
+            )
+        }?;
+    }
+    Ok(dgu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::kernels::compile_without_spills;
+
+    #[test]
+    fn kernels_compile_without_spills() {
+        let Some(compiled) = compile_without_spills(Module::Activation) else {
+            return;
+        };
+        for name in KERNELS {
+            assert!(compiled.log.contains(name), "{name} missing from the log");
+        }
+    }
 }

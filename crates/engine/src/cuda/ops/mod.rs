@@ -4,11 +4,13 @@
 
 pub(crate) mod activation;
 pub(crate) mod attention;
+pub(crate) mod attention_backward;
 pub(crate) mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod linear;
 pub(crate) mod logits_at_least;
 pub(crate) mod logprobs;
+pub(crate) mod lora_ops;
 pub(crate) mod paged_attention;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;

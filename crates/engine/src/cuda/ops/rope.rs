@@ -1,5 +1,5 @@
 //! Rotary position embedding on the GPU (kernels/rope.cu): in place, and fused into the
-//! split of a fused QKV projection.
+//! split of a fused QKV projection; and the backward of both. Every tensor is bf16.
 
 use std::sync::Arc;
 
@@ -9,6 +9,14 @@ use crate::cuda::kernels::Module;
 use crate::cuda::storage::DType;
 use crate::ops::Rope;
 use crate::{EngineError, Indices, Result, Tensor};
+
+/// The kernels of kernels/rope.cu.
+pub(crate) const KERNELS: &[&str] = &[
+    "rope_bf16",
+    "rope_qkv_split_bf16",
+    "rope_backward_bf16",
+    "rope_qkv_split_backward_bf16",
+];
 
 const BLOCK: u32 = 256;
 
@@ -45,10 +53,40 @@ pub(crate) fn rope(
     positions: &[u32],
     rope: &Rope,
 ) -> Result<()> {
-    const OP: &str = "rope";
-    let [tokens, heads, d] = x.dims(OP, "x: [T, heads, D]")?;
-    check_rope(OP, d, positions, tokens, rope)?;
-    bf16_ptr(OP, "x", x)?;
+    turn_in_place(backend, "rope", "rope_bf16", x, positions, rope)
+}
+
+/// The backward of [`rope`], in place: grad holds dy: [T, heads, D] on entry and dx on exit
+/// (each pair turned by the transpose of the forward's rotation).
+pub(crate) fn rope_backward(
+    backend: &Arc<CudaBackend>,
+    grad: &mut Tensor,
+    positions: &[u32],
+    rope: &Rope,
+) -> Result<()> {
+    turn_in_place(
+        backend,
+        "rope_backward",
+        "rope_backward_bf16",
+        grad,
+        positions,
+        rope,
+    )
+}
+
+/// Runs one of the in-place kernels (`rope_bf16` or `rope_backward_bf16`, which share their
+/// parameters) on x: [T, heads, D].
+fn turn_in_place(
+    backend: &Arc<CudaBackend>,
+    op: &'static str,
+    kernel_name: &'static str,
+    x: &mut Tensor,
+    positions: &[u32],
+    rope: &Rope,
+) -> Result<()> {
+    let [tokens, heads, d] = x.dims(op, "x: [T, heads, D]")?;
+    check_rope(op, d, positions, tokens, rope)?;
+    bf16_ptr(op, "x", x)?;
     if tokens * heads * d == 0 {
         return Ok(());
     }
@@ -56,14 +94,14 @@ pub(crate) fn rope(
     if let Some(s) = x.cuda_mut() {
         s.make_exclusive(len)?;
     }
-    let px = bf16_ptr(OP, "x", x)?;
+    let px = bf16_ptr(op, "x", x)?;
     let pos = backend.upload(positions)?;
     let freq = rope.device.get(backend, &rope.inv_freq)?;
     let (pp, pf) = (pos.ptr(), freq.ptr);
-    let kernel = backend.kernel(Module::Rope, "rope_bf16")?;
+    let kernel = backend.kernel(Module::Rope, kernel_name)?;
     let tokens64 = tokens as i64;
-    let heads32 = to_i32(OP, "heads", heads)?;
-    let d32 = to_i32(OP, "head_dim", d)?;
+    let heads32 = to_i32(op, "heads", heads)?;
+    let d32 = to_i32(op, "head_dim", d)?;
     let scaling = rope.attention_scaling;
     let grid = grid_stride(backend, tokens * heads * d / 2, BLOCK);
     // SAFETY: x holds T·heads·D bf16, pos T u32, freq D/2 f32; the uploads return to the
@@ -137,4 +175,73 @@ pub(crate) fn rope_qkv_split(
         )
     }?;
     Ok((q, k, v))
+}
+
+/// The gradient of [`rope_qkv_split`] w.r.t. qkv: dq: [T, H, D], dk, dv: [T, Hkv, D] bf16 →
+/// dqkv: [T, (H + 2·Hkv)·D] bf16 (assigned), the q and k heads turned back, v copied. The
+/// caller has checked the shapes.
+pub(crate) fn rope_qkv_split_backward(
+    backend: &Arc<CudaBackend>,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    positions: &Indices,
+    rope: &Rope,
+) -> Result<Tensor> {
+    const OP: &str = "rope_qkv_split_backward";
+    let [tokens, heads, d] = dq.dims(OP, "dq: [T, H, D]")?;
+    let [_, kv_heads, _] = dk.dims(OP, "dk: [T, Hkv, D]")?;
+    dk.expect_shape(OP, &[tokens, kv_heads, d])?;
+    dv.expect_shape(OP, &[tokens, kv_heads, d])?;
+    check_rope(OP, d, positions, tokens, rope)?;
+    let (pdq, pdk, pdv) = (
+        bf16_ptr(OP, "dq", dq)?,
+        bf16_ptr(OP, "dk", dk)?,
+        bf16_ptr(OP, "dv", dv)?,
+    );
+    let all = heads + 2 * kv_heads;
+    let dqkv = empty(backend, &[tokens, all * d], DType::Bf16)?;
+    if tokens * all * d == 0 {
+        return Ok(dqkv);
+    }
+    let pdqkv = bf16_ptr(OP, "dqkv", &dqkv)?;
+    let pos = positions.on(backend)?;
+    let freq = rope.device.get(backend, &rope.inv_freq)?;
+    let (pp, pf) = (pos.ptr, freq.ptr);
+    let kernel = backend.kernel(Module::Rope, "rope_qkv_split_backward_bf16")?;
+    let tokens64 = tokens as i64;
+    let heads32 = to_i32(OP, "heads", heads)?;
+    let kv32 = to_i32(OP, "kv_heads", kv_heads)?;
+    let d32 = to_i32(OP, "head_dim", d)?;
+    let scaling = rope.attention_scaling;
+    let grid = grid_stride(backend, tokens * all * d / 2, BLOCK);
+    // SAFETY: dqkv holds T·(H+2Hkv)·D bf16; dq, dk, dv their shapes; pos T u32; freq D/2 f32.
+    unsafe {
+        backend.launch(
+            &kernel,
+            (grid, 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            &mut params![
+                pdqkv, pdq, pdk, pdv, pp, pf, tokens64, heads32, kv32, d32, scaling
+            ],
+        )
+    }?;
+    Ok(dqkv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::kernels::compile_without_spills;
+
+    #[test]
+    fn kernels_compile_without_spills() {
+        let Some(compiled) = compile_without_spills(Module::Rope) else {
+            return;
+        };
+        for name in KERNELS {
+            assert!(compiled.log.contains(name), "{name} missing from the log");
+        }
+    }
 }
