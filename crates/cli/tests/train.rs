@@ -181,11 +181,11 @@ fn bad_input_is_refused_with_a_clear_error() {
     args.extend(["--config".into(), toml.to_string_lossy().into()]);
     let ran = run(prefer!().args(&args)).failed();
     assert!(ran.stderr.contains("betta"), "{}", ran.all());
-    // No CUDA training yet: said, not attempted.
+    // A device that does not parse.
     let mut args = short(out.path());
-    args.extend(["--device".into(), "cuda".into()]);
+    args.extend(["--device".into(), "gpu0".into()]);
     let ran = run(prefer!().args(&args)).failed();
-    assert!(ran.stderr.contains("--device cpu"), "{}", ran.all());
+    assert!(ran.stderr.contains("--device"), "{}", ran.all());
     // Nothing was written by the failed runs.
     assert!(!out.path().join("adapter_model.safetensors").exists());
 }

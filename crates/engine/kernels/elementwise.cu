@@ -71,3 +71,19 @@ extern "C" __global__ void scale_f32(float *out, const float *x, float s, i64 n)
         out[i] = x[i] * s;
     }
 }
+
+// out[i] = x[i] rounded to bf16 (round to nearest even).
+extern "C" __global__ void cast_f32_bf16(bf16 *out, const float *x, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = f32_to_bf16(x[i]);
+    }
+}
+
+// out[i] = x[i] widened to f32 (exact).
+extern "C" __global__ void cast_bf16_f32(float *out, const bf16 *x, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = bf16_to_f32(x[i]);
+    }
+}

@@ -34,6 +34,7 @@ pub mod tensor;
 #[cfg(test)]
 mod test_util;
 
+pub use cuda::DType;
 pub use error::{EngineError, Result};
 pub use indices::Indices;
 pub use staging::{Staged, Staging};

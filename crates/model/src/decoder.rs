@@ -242,7 +242,9 @@ impl DecoderLayer {
                 (LoraTarget::KProj, qd),
                 (LoraTarget::VProj, qd + kvd),
             ];
-            lora.add(self.index, &h, &mut qkv, &parts, tape.as_deref_mut())?;
+            prof.run(OpKind::Lora, dev, || {
+                lora.add(self.index, &h, &mut qkv, &parts, tape.as_deref_mut())
+            })?;
         }
         drop(h);
         let (q, k, v) = prof.run(OpKind::Rope, dev, || {
@@ -284,13 +286,15 @@ impl DecoderLayer {
         let mut attn = self.o_proj.forward(&attn_flat, prof)?; // [Tq, C]
         if let Some(lora) = lora {
             let parts = [(LoraTarget::OProj, 0)];
-            lora.add(
-                self.index,
-                &attn_flat,
-                &mut attn,
-                &parts,
-                tape.as_deref_mut(),
-            )?;
+            prof.run(OpKind::Lora, dev, || {
+                lora.add(
+                    self.index,
+                    &attn_flat,
+                    &mut attn,
+                    &parts,
+                    tape.as_deref_mut(),
+                )
+            })?;
         }
         drop(attn_flat);
         if a.sandwich_norms {
@@ -309,7 +313,9 @@ impl DecoderLayer {
         let mut gate_up = self.gate_up_proj.forward(&h, prof)?; // [Tq, 2·I]
         if let Some(lora) = lora {
             let parts = [(LoraTarget::GateProj, 0), (LoraTarget::UpProj, i)];
-            lora.add(self.index, &h, &mut gate_up, &parts, tape.as_deref_mut())?;
+            prof.run(OpKind::Lora, dev, || {
+                lora.add(self.index, &h, &mut gate_up, &parts, tape.as_deref_mut())
+            })?;
         }
         drop(h);
         let gated = prof.run(OpKind::Activation, dev, || {
@@ -322,7 +328,9 @@ impl DecoderLayer {
         let mut mlp = self.down_proj.forward(&gated, prof)?; // [Tq, C]
         if let Some(lora) = lora {
             let parts = [(LoraTarget::DownProj, 0)];
-            lora.add(self.index, &gated, &mut mlp, &parts, tape.as_deref_mut())?;
+            prof.run(OpKind::Lora, dev, || {
+                lora.add(self.index, &gated, &mut mlp, &parts, tape.as_deref_mut())
+            })?;
         }
         drop(gated);
         if let Some(w) = &self.post_feedforward_layernorm {

@@ -25,9 +25,11 @@ use engine::ops;
 use crate::decoder::{DecoderLayer, LayerCtx, attention_params};
 use crate::error::{ModelError, Result};
 use crate::lora::{
-    Dropout, LayerLora, LoraActs, LoraPair, LoraTarget, MaskSite, add_columns, columns, dropped,
+    Dropout, LayerLora, LoraActs, LoraPair, LoraTarget, MaskSite, dropped, dropped_backward,
     lora_delta,
 };
+use crate::profile::OpKind;
+use engine::ops::DropoutKey;
 
 /// What a layer's forward keeps for its backward (filled by `forward_normed` when given one).
 #[derive(Default)]
@@ -53,8 +55,8 @@ pub(crate) struct TapedLora {
     /// The module's first column in its (stacked) projection's output.
     pub col0: usize,
     pub acts: LoraActs,
-    /// The dropout multipliers applied to the module's input, [T·in].
-    pub mask: Option<Vec<f32>>,
+    /// The dropout mask's key (the mask is recomputed, never stored).
+    pub key: Option<DropoutKey>,
 }
 
 impl LayerTape {
@@ -97,7 +99,7 @@ impl LoraCtx<'_> {
                 ),
             });
         };
-        let [rows, cols] = x.dims::<2>("lora", "x: [T, in]")?;
+        x.dims::<2>("lora", "x: [T, in]")?;
         for &(target, col0) in parts {
             let Some(pair) = lora.get(target) else {
                 continue;
@@ -106,16 +108,16 @@ impl LoraCtx<'_> {
                 layer: Some(layer),
                 target,
             };
-            let mask = self.dropout.mask(site, rows, cols);
-            let xd = dropped(x, mask.as_deref())?;
+            let key = self.dropout.key(site);
+            let xd = dropped(x, key.as_ref())?;
             let (delta, acts) = lora_delta(xd, pair, self.scaling)?;
-            add_columns(y, col0, &delta)?;
+            ops::add_into_columns(y, col0, &delta)?;
             if let Some(tape) = tape.as_deref_mut() {
                 tape.lora.push(TapedLora {
                     target,
                     col0,
                     acts,
-                    mask,
+                    key,
                 });
             }
         }
@@ -141,12 +143,8 @@ pub(crate) fn lora_backward(
         let da = ops::linear_backward_weight(&du, &taped.acts.xd)?; // [R, in]
         ops::add_inplace(&mut grad.a, &da)?;
     }
-    let mut dxd = ops::linear_backward_input(&du, &pair.a)?; // [T, in]
-    if let Some(mask) = &taped.mask {
-        for (g, m) in dxd.as_mut_slice()?.iter_mut().zip(mask) {
-            *g *= m;
-        }
-    }
+    let dxd = ops::linear_backward_input(&du, &pair.a)?; // [T, in]
+    let dxd = dropped_backward(dxd, taped.key.as_ref())?;
     ops::add_inplace(dx, &dxd)?;
     Ok(())
 }
@@ -166,7 +164,17 @@ impl DecoderLayer {
         let cfg = ctx.cfg;
         let a = &cfg.arch;
         let (eps, offset) = (cfg.rms_norm_eps, a.norm_offset);
-        let t = x.shape()[0];
+        let (t, dev, prof) = (x.shape()[0], x.device(), ctx.prof);
+        let norm_back = |x: &Tensor, w: &Tensor, dy: &Tensor| {
+            prof.run(OpKind::ElementwiseBackward, dev, || {
+                ops::rms_norm_backward(x, w, eps, offset, dy)
+            })
+        };
+        let gemm_back = |dy: &Tensor, w: &Tensor| {
+            prof.run(OpKind::GemmBackward, dev, || {
+                ops::linear_backward_input(dy, w)
+            })
+        };
         let mut tape = LayerTape::default();
         let h = ctx.norm(x, &self.input_layernorm)?;
         self.forward_normed(ctx, x, h, None, None, lora, Some(&mut tape))?;
@@ -183,9 +191,11 @@ impl DecoderLayer {
                     continue;
                 };
                 let width = pair.b.shape()[0];
-                let dy_m = columns(dy, taped.col0, width)?;
+                let dy_m = prof.run(OpKind::Lora, dev, || ops::columns(dy, taped.col0, width))?;
                 let grad = grads.as_deref_mut().and_then(|g| g.get_mut(target));
-                lora_backward(&dy_m, pair, taped, lora.scaling, dx, grad)?;
+                prof.run(OpKind::Lora, dev, || {
+                    lora_backward(&dy_m, pair, taped, lora.scaling, dx, grad)
+                })?;
             }
             Ok(())
         };
@@ -194,17 +204,19 @@ impl DecoderLayer {
         let d_mlp = match &self.post_feedforward_layernorm {
             Some(w) => {
                 let pre = LayerTape::get(&tape.mlp_out, "mlp output")?;
-                ops::rms_norm_backward(pre, w, eps, offset, d_out)?.0
+                norm_back(pre, w, d_out)?.0
             }
             None => d_out.clone(),
         };
-        let mut d_gated = ops::linear_backward_input(&d_mlp, &self.down_proj.weight)?; // [T, I]
+        let mut d_gated = gemm_back(&d_mlp, &self.down_proj.weight)?; // [T, I]
         lora_back(&d_mlp, &mut d_gated, &[LoraTarget::DownProj])?;
         drop(d_mlp);
         let gate_up = LayerTape::get(&tape.gate_up, "gate/up output")?;
-        let d_gate_up = ops::gated_activation_packed_backward(gate_up, a.activation, &d_gated)?;
+        let d_gate_up = prof.run(OpKind::ElementwiseBackward, dev, || {
+            ops::gated_activation_packed_backward(gate_up, a.activation, &d_gated)
+        })?;
         drop(d_gated);
-        let mut d_h2 = ops::linear_backward_input(&d_gate_up, &self.gate_up_proj.weight)?; // [T, C]
+        let mut d_h2 = gemm_back(&d_gate_up, &self.gate_up_proj.weight)?; // [T, C]
         lora_back(
             &d_gate_up,
             &mut d_h2,
@@ -220,41 +232,44 @@ impl DecoderLayer {
         // Attention block.
         let d_attn = if a.sandwich_norms {
             let pre = LayerTape::get(&tape.o_out, "o_proj output")?;
-            ops::rms_norm_backward(pre, &self.post_attention_layernorm, eps, offset, &d_mid)?.0
+            norm_back(pre, &self.post_attention_layernorm, &d_mid)?.0
         } else {
             d_mid.clone()
         };
-        let mut d_a = ops::linear_backward_input(&d_attn, &self.o_proj.weight)?; // [T, H·D]
+        let mut d_a = gemm_back(&d_attn, &self.o_proj.weight)?; // [T, H·D]
         lora_back(&d_attn, &mut d_a, &[LoraTarget::OProj])?;
         drop(d_attn);
         let d_a = d_a.reshape(&[t, cfg.num_heads, cfg.head_dim])?;
-        let grads_qkv = ops::attention_backward(
+        let (q, k, v) = (
             LayerTape::get(&tape.q, "q")?,
             LayerTape::get(&tape.k, "k")?,
             LayerTape::get(&tape.v, "v")?,
-            LayerTape::get(&tape.attn_out, "attention output")?,
-            LayerTape::get(&tape.attn_lse, "attention logsumexp")?,
-            &d_a,
-            ctx.layout,
-            &attention_params(a, self.window),
-        )?;
+        );
+        let out = LayerTape::get(&tape.attn_out, "attention output")?;
+        let lse = LayerTape::get(&tape.attn_lse, "attention logsumexp")?;
+        let params = attention_params(a, self.window);
+        let grads_qkv = prof.run(OpKind::AttentionBackward, dev, || {
+            ops::attention_backward(q, k, v, out, lse, &d_a, ctx.layout, &params)
+        })?;
         drop(d_a);
-        let d_qkv = ops::rope_qkv_split_backward(
-            &grads_qkv.dq,
-            &grads_qkv.dk,
-            &grads_qkv.dv,
-            ctx.positions,
-            ctx.rope,
-        )?; // [T, (H + 2·Hkv)·D]
+        let d_qkv = prof.run(OpKind::ElementwiseBackward, dev, || {
+            ops::rope_qkv_split_backward(
+                &grads_qkv.dq,
+                &grads_qkv.dk,
+                &grads_qkv.dv,
+                ctx.positions,
+                ctx.rope,
+            )
+        })?; // [T, (H + 2·Hkv)·D]
         drop(grads_qkv);
-        let mut d_h1 = ops::linear_backward_input(&d_qkv, &self.qkv_proj.weight)?; // [T, C]
+        let mut d_h1 = gemm_back(&d_qkv, &self.qkv_proj.weight)?; // [T, C]
         lora_back(
             &d_qkv,
             &mut d_h1,
             &[LoraTarget::QProj, LoraTarget::KProj, LoraTarget::VProj],
         )?;
         drop(d_qkv);
-        let (mut dx, _) = ops::rms_norm_backward(x, &self.input_layernorm, eps, offset, &d_h1)?;
+        let (mut dx, _) = norm_back(x, &self.input_layernorm, &d_h1)?;
         ops::add_inplace(&mut dx, &d_mid)?;
         Ok(dx)
     }

@@ -74,6 +74,6 @@ pub use kv_cache::{CpuKvCache, KvCache};
 pub use lora::{Dropout, LayerLora, Lora, LoraPair, LoraSpec, LoraTarget, module_shape};
 pub use merge::{DEFAULT_MAX_SHARD_BYTES, MergeOptions, MergeReport, merge_adapter};
 pub use model::Model;
-pub use profile::{OpKind, OpTimes};
+pub use profile::{OpKind, OpTimes, env_switch};
 pub use tokenizer::{PromptCompletion, Tokenizer, common_prefix_len};
 pub use training::{LoraTape, TrainBatch};

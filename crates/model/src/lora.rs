@@ -15,11 +15,13 @@
 //! resumed run draws the same masks as an uninterrupted one. They cannot match torch's
 //! generator bit for bit; the distribution is the same (keep with 1 − p, scale 1 / (1 − p)).
 //!
-//! CPU only for now: the column-range adds below read host memory.
+//! The same code runs on the CPU (f32) and a GPU (bf16 activations and pairs; gradients in
+//! f32), through the engine's ops.
 
 use std::fmt;
 
-use engine::{Device, Tensor, ops};
+use engine::ops::{self, DropoutKey};
+use engine::{Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -149,16 +151,6 @@ pub struct LoraPair {
     pub b: Tensor,
 }
 
-impl LoraPair {
-    /// Zero tensors of the same shapes (gradient accumulators).
-    pub fn zeros_like(&self) -> LoraPair {
-        LoraPair {
-            a: Tensor::zeros(self.a.shape()),
-            b: Tensor::zeros(self.b.shape()),
-        }
-    }
-}
-
 /// The LoRA pairs of one decoder layer, by module.
 #[derive(Clone, Debug, Default)]
 pub struct LayerLora {
@@ -264,27 +256,56 @@ impl Lora {
         })
     }
 
-    /// Zero tensors of the same shapes: a gradient accumulator for this adapter.
+    /// Zero tensors of the same shapes: a gradient accumulator for this adapter (CPU).
     pub fn zeros_like(&self) -> Lora {
-        let z = |p: &Option<LoraPair>| p.as_ref().map(LoraPair::zeros_like);
-        Lora {
-            spec: self.spec.clone(),
-            embed: z(&self.embed),
-            lm_head: z(&self.lm_head),
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerLora {
-                    q: z(&l.q),
-                    k: z(&l.k),
-                    v: z(&l.v),
-                    o: z(&l.o),
-                    gate: z(&l.gate),
-                    up: z(&l.up),
-                    down: z(&l.down),
+        self.map(|t| Ok(Tensor::zeros(t.shape())))
+            .expect("creating CPU zeros cannot fail")
+    }
+
+    /// Zero f32 tensors of the same shapes on `device`: a gradient accumulator there.
+    pub fn zeros_on(&self, device: Device) -> Result<Lora> {
+        self.map(|t| Tensor::zeros(t.shape()).to_device_f32(device))
+    }
+
+    /// A copy to compute with on `device`: f32 on the CPU, bf16 on a GPU (the dtype of the
+    /// activations its GEMMs meet there).
+    pub fn to_device(&self, device: Device) -> Result<Lora> {
+        self.map(|t| t.to_device(device))
+    }
+
+    /// Every tensor through `f`, the structure kept.
+    fn map(&self, f: impl Fn(&Tensor) -> engine::Result<Tensor>) -> Result<Lora> {
+        let pair = |p: &Option<LoraPair>| -> Result<Option<LoraPair>> {
+            p.as_ref()
+                .map(|p| {
+                    Ok(LoraPair {
+                        a: f(&p.a)?,
+                        b: f(&p.b)?,
+                    })
                 })
-                .collect(),
-        }
+                .transpose()
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerLora {
+                    q: pair(&l.q)?,
+                    k: pair(&l.k)?,
+                    v: pair(&l.v)?,
+                    o: pair(&l.o)?,
+                    gate: pair(&l.gate)?,
+                    up: pair(&l.up)?,
+                    down: pair(&l.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Lora {
+            spec: self.spec.clone(),
+            embed: pair(&self.embed)?,
+            lm_head: pair(&self.lm_head)?,
+            layers,
+        })
     }
 
     /// Every pair with its module and layer (None for the embedding and the head), in PEFT's
@@ -360,52 +381,36 @@ pub(crate) struct MaskSite {
 }
 
 impl Dropout {
-    /// The multiplier of each element of a [rows, cols] input of `site`: 0 or 1 / (1 − p).
-    /// None when dropout is off.
-    pub(crate) fn mask(&self, site: MaskSite, rows: usize, cols: usize) -> Option<Vec<f32>> {
-        let Dropout::On { p, seed, step } = *self else {
-            return None;
-        };
-        if p <= 0.0 {
-            return None;
+    /// The engine's mask key for a [rows, cols] input of `site` (the masks are the engine's
+    /// counter-based function, the same bits on the CPU and a GPU); None when dropout is off.
+    pub(crate) fn key(&self, site: MaskSite) -> Option<DropoutKey> {
+        match *self {
+            Dropout::On { p, seed, step } if p > 0.0 => Some(DropoutKey {
+                p,
+                seed,
+                step,
+                layer: site.layer,
+                module: site.target as u64,
+            }),
+            _ => None,
         }
-        let keep = 1.0 / (1.0 - p);
-        // Keep when a uniform u64 is at or above p · 2⁶⁴.
-        let cut = (p as f64 * 18_446_744_073_709_551_616.0) as u64;
-        let layer = site.layer.map_or(0xFFFF, |l| l as u64);
-        let module = mix(mix(mix(mix(seed) ^ step) ^ layer) ^ site.target as u64);
-        Some(
-            (0..rows * cols)
-                .map(|i| {
-                    if mix(module ^ i as u64) >= cut {
-                        keep
-                    } else {
-                        0.0
-                    }
-                })
-                .collect(),
-        )
     }
 }
 
-/// SplitMix64's finaliser: a bijective mix with good avalanche, used as a counter-based RNG.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// The input a LoRA pair sees: x itself, or x with its dropout mask applied.
+pub(crate) fn dropped(x: &Tensor, key: Option<&DropoutKey>) -> Result<Tensor> {
+    Ok(match key {
+        Some(key) => ops::apply_dropout(x, key)?,
+        None => x.clone(),
+    })
 }
 
-/// The input a LoRA pair sees: x itself, or x with a dropout mask applied.
-pub(crate) fn dropped(x: &Tensor, mask: Option<&[f32]>) -> Result<Tensor> {
-    let Some(mask) = mask else {
-        return Ok(x.clone());
-    };
-    let mut out = x.to_vec()?;
-    for (o, m) in out.iter_mut().zip(mask) {
-        *o *= m;
-    }
-    Ok(Tensor::from_vec(out, x.shape())?)
+/// The gradient through [`dropped`]: the same mask.
+pub(crate) fn dropped_backward(dy: Tensor, key: Option<&DropoutKey>) -> Result<Tensor> {
+    Ok(match key {
+        Some(key) => ops::apply_dropout_backward(&dy, key)?,
+        None => dy,
+    })
 }
 
 /// What one LoRA'd module's forward keeps for its backward.
@@ -422,55 +427,4 @@ pub(crate) fn lora_delta(xd: Tensor, pair: &LoraPair, scaling: f32) -> Result<(T
     let delta = ops::linear(&u, &pair.b, None)?; // [T, out]
     let delta = ops::scale(&delta, scaling)?;
     Ok((delta, LoraActs { xd, u }))
-}
-
-/// y[:, col0..col0 + delta.cols] += delta. y: [T, N], delta: [T, n].
-pub(crate) fn add_columns(y: &mut Tensor, col0: usize, delta: &Tensor) -> Result<()> {
-    let [t, n] = y.dims::<2>("lora add_columns", "y: [T, N]")?;
-    let [td, nd] = delta.dims::<2>("lora add_columns", "delta: [T, n]")?;
-    if td != t || col0 + nd > n {
-        return Err(ModelError::Input {
-            what: "lora add_columns",
-            msg: format!("delta [{td}, {nd}] at column {col0} does not fit y [{t}, {n}]"),
-        });
-    }
-    cpu_only(y)?;
-    let d = delta.to_vec()?;
-    let y = y.as_mut_slice()?;
-    for r in 0..t {
-        for (yv, dv) in y[r * n + col0..r * n + col0 + nd]
-            .iter_mut()
-            .zip(&d[r * nd..(r + 1) * nd])
-        {
-            *yv += dv;
-        }
-    }
-    Ok(())
-}
-
-/// Columns col0..col0 + n of x: [T, N] → [T, n].
-pub(crate) fn columns(x: &Tensor, col0: usize, n: usize) -> Result<Tensor> {
-    let [t, width] = x.dims::<2>("lora columns", "x: [T, N]")?;
-    if col0 + n > width {
-        return Err(ModelError::Input {
-            what: "lora columns",
-            msg: format!("columns {col0}..{} of a [{t}, {width}] tensor", col0 + n),
-        });
-    }
-    cpu_only(x)?;
-    let x = x.as_slice()?;
-    let out: Vec<f32> = (0..t)
-        .flat_map(|r| x[r * width + col0..r * width + col0 + n].iter().copied())
-        .collect();
-    Ok(Tensor::from_vec(out, &[t, n])?)
-}
-
-fn cpu_only(x: &Tensor) -> Result<()> {
-    match x.device() {
-        Device::Cpu => Ok(()),
-        device => Err(ModelError::Input {
-            what: "lora",
-            msg: format!("LoRA runs on the CPU only for now; a tensor is on {device}"),
-        }),
-    }
 }

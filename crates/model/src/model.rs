@@ -34,7 +34,7 @@ pub struct Model {
     /// The embedding table itself when tied (shared storage, not a copy).
     pub(crate) lm_head: Tensor, // [V, C]
     pub(crate) chunks: LogProbChunks,
-    profiler: Profiler,
+    pub(crate) profiler: Profiler,
 }
 
 impl Model {

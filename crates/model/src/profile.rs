@@ -14,7 +14,7 @@ use std::time::Instant;
 use engine::cuda::CudaBackend;
 use engine::{Device, EngineError};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// What an op of the forward is, for the breakdown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -37,6 +37,16 @@ pub enum OpKind {
     LmHead,
     /// Full logits of a few rows (the LM head GEMM and the final soft-cap), for sampling.
     Logits,
+    /// Training: LoRA's low-rank products in the forward and their backward.
+    Lora,
+    /// Training: the frozen projections' input gradients (dy·W).
+    GemmBackward,
+    /// Training: attention's backward.
+    AttentionBackward,
+    /// Training: the chunked LM-head log-prob backward.
+    LmHeadBackward,
+    /// Training: the backward of norms, RoPE, the activation and the embedding.
+    ElementwiseBackward,
 }
 
 impl OpKind {
@@ -52,6 +62,11 @@ impl OpKind {
             OpKind::Gather => "gather",
             OpKind::LmHead => "lm_head_logprobs",
             OpKind::Logits => "logits",
+            OpKind::Lora => "lora",
+            OpKind::GemmBackward => "gemm_backward",
+            OpKind::AttentionBackward => "attention_backward",
+            OpKind::LmHeadBackward => "lm_head_backward",
+            OpKind::ElementwiseBackward => "elementwise_backward",
         }
     }
 }
@@ -107,13 +122,17 @@ impl Profiler {
         self.times.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `op` (which runs on `device`), timing it as `kind` when profiling is on.
-    pub fn run<T>(
+    /// Runs `op` (which runs on `device`), timing it as `kind` when profiling is on. `op` may
+    /// fail with an engine or a model error.
+    pub fn run<T, E>(
         &self,
         kind: OpKind,
         device: Device,
-        op: impl FnOnce() -> std::result::Result<T, EngineError>,
-    ) -> Result<T> {
+        op: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> Result<T>
+    where
+        ModelError: From<E>,
+    {
         if !self.on.load(Ordering::Relaxed) {
             return Ok(op()?);
         }
@@ -129,14 +148,14 @@ impl Profiler {
                 let mut out = None;
                 let ms = backend.time_ms(|| -> std::result::Result<(), EngineError> {
                     if let Some(op) = op.take() {
-                        out = Some(op()?);
+                        out = Some(op());
                     }
                     Ok(())
                 })?;
                 let out = out.ok_or_else(|| EngineError::Arg {
                     op: "profile",
                     msg: "the timed op did not run".into(),
-                })?;
+                })??;
                 (out, ms as f64)
             }
         };
@@ -148,24 +167,64 @@ impl Profiler {
     }
 }
 
+/// An on/off switch from the environment (`PREFER_PROFILE`, `PREFER_CUDA_GRAPHS`): `1` or
+/// `0`, `default` when unset or empty; any other value is an error saying what was expected
+/// (the caller names the variable).
+pub fn env_switch(name: &str, default: bool) -> std::result::Result<bool, String> {
+    match std::env::var(name).as_deref() {
+        Err(_) | Ok("") => Ok(default),
+        Ok("1") => Ok(true),
+        Ok("0") => Ok(false),
+        Ok(other) => Err(format!("{name}={other:?}: expected 1 (on) or 0 (off)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn env_switches_take_1_or_0_and_name_a_bad_value() {
+        // A variable no other test reads, so setting it cannot race with them.
+        const NAME: &str = "PREFER_TEST_ENV_SWITCH";
+        let set = |v: &str| {
+            // SAFETY: only this test reads or writes NAME.
+            unsafe { std::env::set_var(NAME, v) }
+        };
+        set("");
+        assert!(env_switch(NAME, true).unwrap());
+        assert!(!env_switch(NAME, false).unwrap());
+        set("1");
+        assert!(env_switch(NAME, false).unwrap());
+        set("0");
+        assert!(!env_switch(NAME, true).unwrap());
+        set("off");
+        let e = env_switch(NAME, true).unwrap_err().to_string();
+        assert!(e.contains(NAME) && e.contains("\"off\""), "{e}");
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(NAME) };
+        assert!(env_switch(NAME, true).unwrap());
+    }
+
+    #[test]
     fn counts_only_while_on() {
         let p = Profiler::default();
         let cpu = Device::Cpu;
-        assert_eq!(p.run(OpKind::Gemm, cpu, || Ok(1)).unwrap(), 1);
+        assert_eq!(
+            p.run(OpKind::Gemm, cpu, || Ok::<_, EngineError>(1))
+                .unwrap(),
+            1
+        );
         p.start();
         for _ in 0..3 {
             p.run(OpKind::Gemm, cpu, || {
                 std::thread::sleep(std::time::Duration::from_millis(2));
-                Ok(())
+                Ok::<_, EngineError>(())
             })
             .unwrap();
         }
-        p.run(OpKind::Norm, cpu, || Ok(())).unwrap();
+        p.run(OpKind::Norm, cpu, || Ok::<_, EngineError>(()))
+            .unwrap();
         let times = p.stop();
         let (ms, calls) = times.by_kind[&OpKind::Gemm];
         assert_eq!(calls, 3);
@@ -173,7 +232,8 @@ mod tests {
         assert_eq!(times.by_kind[&OpKind::Norm].1, 1);
         assert!((times.total_ms() - ms - times.ms(OpKind::Norm)).abs() < 1e-9);
         // Off again: nothing is recorded, and errors pass through.
-        p.run(OpKind::Gemm, cpu, || Ok(())).unwrap();
+        p.run(OpKind::Gemm, cpu, || Ok::<_, EngineError>(()))
+            .unwrap();
         assert!(p.stop().by_kind.is_empty());
         let e = p
             .run(

@@ -17,8 +17,10 @@ use engine::{Indices, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::layer_backward::LoraCtx;
-use crate::lora::{Dropout, Lora, LoraTarget, MaskSite, dropped};
+use crate::lora::{Dropout, Lora, LoraTarget, MaskSite, dropped, dropped_backward};
 use crate::model::Model;
+use crate::profile::OpKind;
+use engine::ops::DropoutKey;
 
 /// A packed training batch: whole sequences (prefill layout) and the hidden rows whose next
 /// token's log-prob counts.
@@ -43,9 +45,9 @@ pub struct LoraTape {
 
 /// The LM head's LoRA activations.
 struct HeadTape {
-    hd: Tensor,             // [N, C]: the selected rows after dropout
-    u: Tensor,              // [N, R]: s·hd·Aᵀ
-    mask: Option<Vec<f32>>, // [N·C]
+    hd: Tensor, // [N, C]: the selected rows after dropout
+    u: Tensor,  // [N, R]: s·hd·Aᵀ
+    key: Option<DropoutKey>,
 }
 
 impl Model {
@@ -71,7 +73,7 @@ impl Model {
         let mut embed_u = None;
         if let Some(pair) = lora.and_then(|l| l.embed.as_ref()) {
             let s = lora.map_or(1.0, |l| l.spec.scaling());
-            let u = ops::embedding_indices(&transpose(&pair.a)?, &ids, 1.0)?; // [T, R]
+            let u = ops::embedding_indices(&ops::transpose(&pair.a)?, &ids, 1.0)?; // [T, R]
             let delta = ops::linear(&u, &pair.b, None)?; // [T, C]
             ops::add_inplace(&mut x, &ops::scale(&delta, s * self.embed_scale())?)?;
             embed_u = Some(u);
@@ -93,16 +95,15 @@ impl Model {
         drop(hidden);
         let (stats, head) = match lora.and_then(|l| l.lm_head.as_ref().map(|p| (l, p))) {
             Some((lora, pair)) => {
-                let [n, c] = selected.dims::<2>("lora_forward", "hidden rows: [N, C]")?;
                 let site = MaskSite {
                     layer: None,
                     target: LoraTarget::LmHead,
                 };
-                let mask = dropout.mask(site, n, c);
-                let hd = dropped(&selected, mask.as_deref())?;
+                let key = dropout.key(site);
+                let hd = dropped(&selected, key.as_ref())?;
                 let u = ops::scale(&ops::linear(&hd, &pair.a, None)?, lora.spec.scaling())?;
                 let stats = self.head_stats(&selected, Some(&u), Some(&pair.b), &batch.targets)?;
-                (stats, Some(HeadTape { hd, u, mask }))
+                (stats, Some(HeadTape { hd, u, key }))
             }
             None => (
                 self.head_stats(&selected, None, None, &batch.targets)?,
@@ -169,15 +170,19 @@ impl Model {
             }),
             _ => None,
         };
-        let back = ops::token_logprobs_backward(
-            d_logp,
-            &selected,
-            &self.lm_head,
-            low_rank,
-            &batch.targets,
-            cfg.arch.final_softcap,
-            self.chunks,
-        )?;
+        let back = self
+            .profiler
+            .run(OpKind::LmHeadBackward, selected.device(), || {
+                ops::token_logprobs_backward(
+                    d_logp,
+                    &selected,
+                    &self.lm_head,
+                    low_rank,
+                    &batch.targets,
+                    cfg.arch.final_softcap,
+                    self.chunks,
+                )
+            })?;
         let mut d_sel = back.d_hidden; // [N, C]
         if let (Some(h), Some(pair), Some(lr)) = (&head, &lora.lm_head, &back.d_low_rank) {
             let grad = grads
@@ -185,18 +190,17 @@ impl Model {
                 .as_mut()
                 .ok_or_else(|| missing("lm_head gradient"))?;
             ops::add_inplace(&mut grad.b, &lr.d_b)?;
-            let d_raw = ops::scale(&lr.d_u, s)?; // d(hd·Aᵀ)
+            // d(hd·Aᵀ), in the activations' dtype (the GPU's GEMMs take bf16).
+            let d_raw = ops::cast(&ops::scale(&lr.d_u, s)?, h.hd.dtype())?;
             ops::add_inplace(&mut grad.a, &ops::linear_backward_weight(&d_raw, &h.hd)?)?;
-            let mut d_hd = ops::linear_backward_input(&d_raw, &pair.a)?;
-            if let Some(mask) = &h.mask {
-                for (g, m) in d_hd.as_mut_slice()?.iter_mut().zip(mask) {
-                    *g *= m;
-                }
-            }
+            let d_hd = ops::linear_backward_input(&d_raw, &pair.a)?;
+            let d_hd = dropped_backward(d_hd, h.key.as_ref())?;
             ops::add_inplace(&mut d_sel, &d_hd)?;
         }
         let rows: Vec<u32> = batch.rows.iter().map(|&r| r as u32).collect();
+        // The scattered rows come back in f32: the norm's backward takes the activations' dtype.
         let d_hidden = ops::embedding_backward(&rows, &d_sel, t, 1.0)?; // [T, C]
+        let d_hidden = ops::cast(&d_hidden, x_final.dtype())?;
         drop(d_sel);
         let (mut dx, _) = ops::rms_norm_backward(&x_final, &self.norm, eps, offset, &d_hidden)?;
         drop(d_hidden);
@@ -231,7 +235,7 @@ impl Model {
             let du = ops::linear_backward_input(&d_delta, &pair.b)?; // [T, R]
             let vocab = cfg.vocab_size;
             let d_at = ops::embedding_backward(&batch.ids, &du, vocab, 1.0)?; // [V, R]
-            ops::add_inplace(&mut grad.a, &transpose(&d_at)?)?;
+            ops::add_inplace(&mut grad.a, &ops::transpose(&d_at)?)?;
         }
         Ok(())
     }
@@ -248,14 +252,16 @@ impl Model {
             (Some(u), Some(b)) => Some(LowRank { u, b }),
             _ => None,
         };
-        Ok(ops::token_logprobs_low_rank(
-            hidden,
-            &self.lm_head,
-            low_rank,
-            targets,
-            self.config().arch.final_softcap,
-            self.chunks,
-        )?)
+        self.profiler.run(OpKind::LmHead, hidden.device(), || {
+            ops::token_logprobs_low_rank(
+                hidden,
+                &self.lm_head,
+                low_rank,
+                targets,
+                self.config().arch.final_softcap,
+                self.chunks,
+            )
+        })
     }
 
     /// Positions and layout of a batch, after checking it.
@@ -310,17 +316,4 @@ fn missing(what: &str) -> ModelError {
         what: "lora_backward",
         msg: format!("no {what}: the gradient accumulator does not match the adapter"),
     }
-}
-
-/// [R, N] → [N, R] on the CPU (the embedding pair's A is stored as PEFT stores it, [R, V]).
-fn transpose(x: &Tensor) -> Result<Tensor> {
-    let [r, n] = x.dims::<2>("lora transpose", "x: [R, N]")?;
-    let src = x.to_vec()?;
-    let mut out = vec![0.0f32; r * n];
-    for i in 0..r {
-        for j in 0..n {
-            out[j * r + i] = src[i * n + j];
-        }
-    }
-    Ok(Tensor::from_vec(out, &[n, r])?)
 }

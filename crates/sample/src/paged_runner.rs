@@ -521,18 +521,9 @@ pub(crate) fn forward_logits(
     model.logits(&rows).map_err(SampleError::model)
 }
 
-/// An on/off switch from the environment: `1` or `0`, `default` when unset or empty; any
-/// other value is an error naming the variable.
+/// [`model::env_switch`] with the sample crate's error.
 fn env_switch(name: &'static str, default: bool) -> Result<bool> {
-    match std::env::var(name).as_deref() {
-        Err(_) | Ok("") => Ok(default),
-        Ok("1") => Ok(true),
-        Ok("0") => Ok(false),
-        Ok(other) => Err(SampleError::EngineConfig {
-            name,
-            msg: format!("{other:?}: expected 1 (on) or 0 (off)"),
-        }),
-    }
+    model::env_switch(name, default).map_err(|msg| SampleError::EngineConfig { name, msg })
 }
 
 /// The step's [`PagedLayout`]: sequence `b`'s queries are its `len` new tokens, its context
@@ -847,29 +838,6 @@ fn mem_info(ordinal: usize) -> Result<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::engine::SeqStep;
-
-    #[test]
-    fn env_switches_take_1_or_0_and_name_a_bad_value() {
-        // A variable no other test reads, so setting it cannot race with them.
-        const NAME: &str = "PREFER_TEST_ENV_SWITCH";
-        let set = |v: &str| {
-            // SAFETY: only this test reads or writes NAME.
-            unsafe { std::env::set_var(NAME, v) }
-        };
-        set("");
-        assert!(env_switch(NAME, true).unwrap());
-        assert!(!env_switch(NAME, false).unwrap());
-        set("1");
-        assert!(env_switch(NAME, false).unwrap());
-        set("0");
-        assert!(!env_switch(NAME, true).unwrap());
-        set("off");
-        let e = env_switch(NAME, true).unwrap_err().to_string();
-        assert!(e.contains(NAME) && e.contains("\"off\""), "{e}");
-        // SAFETY: as above.
-        unsafe { std::env::remove_var(NAME) };
-        assert!(env_switch(NAME, true).unwrap());
-    }
 
     fn batch() -> StepBatch {
         StepBatch {

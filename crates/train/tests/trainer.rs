@@ -7,57 +7,17 @@
 //!   short last accumulation window) ends bit for bit where the uninterrupted run ends.
 //! - Options that cannot resume a run are refused, naming the checkpoint.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::{TrlRun, examples, run, trl_dir, trl_run};
 use engine::Device;
-use model::{Model, Tokenizer};
+use model::Model;
 use serde_json::Value;
 use testkit::{TempDir, fixtures_dir, read_safetensors_f32};
-use train::examples::{DpoExample, ExampleConfig, PreferenceRow, Truncation, build_examples};
 use train::loss::LossType;
-use train::trainer::{Event, Resume, TrainConfig, TrainerState, train};
-
-fn trl_dir() -> PathBuf {
-    fixtures_dir().join("train").join("trl_run")
-}
-
-fn rows() -> Vec<PreferenceRow> {
-    std::fs::read_to_string(trl_dir().join("rows.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            PreferenceRow {
-                prompt: v["prompt"].as_str().unwrap().into(),
-                chosen: v["chosen"].as_str().unwrap().into(),
-                rejected: v["rejected"].as_str().unwrap().into(),
-            }
-        })
-        .collect()
-}
-
-fn examples(model_dir: &Path, max_length: usize) -> Vec<DpoExample> {
-    let tok = Tokenizer::load(model_dir).unwrap();
-    let config = ExampleConfig {
-        max_length: Some(max_length),
-        truncation: Truncation::KeepStart,
-        max_prompt_length: None,
-        wrapper: None,
-    };
-    build_examples(&tok, &rows(), &config).unwrap().examples
-}
-
-/// Runs to the end, collecting the logged entries.
-fn run(model: &Model, config: &TrainConfig, data: &[DpoExample], resume: Resume) -> Vec<Value> {
-    let mut logged = Vec::new();
-    train(model, config, data, None, resume, &mut |e| {
-        if let Event::Logged(entry) = e {
-            logged.push(Value::Object(entry.clone()));
-        }
-    })
-    .unwrap();
-    logged
-}
+use train::trainer::{Resume, TrainConfig, TrainerState, train};
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -78,43 +38,13 @@ fn tolerance(name: &str) -> f64 {
 
 #[test]
 fn a_run_matches_trl_and_peft() {
-    let run_json: Value =
-        serde_json::from_str(&std::fs::read_to_string(trl_dir().join("run.json")).unwrap())
-            .unwrap();
-    let model_dir = fixtures_dir()
-        .join("models")
-        .join(run_json["model"].as_str().unwrap());
-    let model = Model::load(&model_dir, Device::Cpu).unwrap();
-    let c = &run_json["config"];
-    let lora = &run_json["lora"];
     let out = TempDir::new("trainer-trl");
-    let mut config = TrainConfig {
-        output_dir: out.path().to_path_buf(),
-        learning_rate: c["learning_rate"].as_f64().unwrap(),
-        lr_scheduler_type: c["lr_scheduler_type"].as_str().unwrap().into(),
-        warmup_steps: c["warmup_steps"].as_f64().unwrap(),
-        weight_decay: c["weight_decay"].as_f64().unwrap(),
-        max_steps: Some(c["max_steps"].as_u64().unwrap() as usize),
-        logging_steps: c["logging_steps"].as_u64().unwrap() as usize,
-        max_grad_norm: c["max_grad_norm"].as_f64().unwrap(),
-        max_length: Some(c["max_length"].as_u64().unwrap() as usize),
-        seed: c["seed"].as_u64().unwrap(),
-        per_device_train_batch_size: c["per_device_train_batch_size"].as_u64().unwrap() as usize,
-        gradient_accumulation_steps: c["gradient_accumulation_steps"].as_u64().unwrap() as usize,
-        save_steps: 3,
-        lora_r: lora["r"].as_u64().unwrap() as usize,
-        lora_alpha: lora["lora_alpha"].as_f64().unwrap() as f32,
-        lora_dropout: lora["lora_dropout"].as_f64().unwrap() as f32,
-        lora_target_modules: lora["target_modules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_str().unwrap().to_string())
-            .collect(),
-        init_adapter: Some(trl_dir().join("init")),
-        ..TrainConfig::default()
-    };
-    config.loss.beta = c["beta"].as_f64().unwrap();
+    let TrlRun {
+        json: run_json,
+        model_dir,
+        config,
+    } = trl_run(out.path());
+    let model = Model::load(&model_dir, Device::Cpu).unwrap();
     assert_eq!(config.loss.loss_type, vec![LossType::Sigmoid]);
     let data = examples(&model_dir, config.max_length.unwrap());
     assert_eq!(

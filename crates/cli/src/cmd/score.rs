@@ -154,13 +154,13 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// `cpu`, `cuda` or `cuda:N`, as the engine parses it.
-fn parse_device(s: &str) -> Result<Device> {
+pub(crate) fn parse_device(s: &str) -> Result<Device> {
     s.parse::<Device>()
         .map_err(|e| anyhow::anyhow!("--device {s:?}: {e}"))
 }
 
 /// The GPU allocator's counters (None on the CPU).
-fn gpu_memory(device: Device) -> Result<Option<engine::cuda::MemoryStats>> {
+pub(crate) fn gpu_memory(device: Device) -> Result<Option<engine::cuda::MemoryStats>> {
     match device {
         Device::Cpu => Ok(None),
         Device::Cuda(n) => Ok(Some(

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use data::cell::{Cell, TextCell};
 use data::ingest::{self, SourceSpec, Table};
-use engine::Device;
 use model::{Model, Tokenizer};
 use train::examples::{PreferenceColumns, PreferenceRow, build_examples};
 use train::trainer::{Event, Resume, TrainConfig};
@@ -44,7 +43,8 @@ pub struct Args {
     /// Continue from this checkpoint folder.
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     resume_from: Option<PathBuf>,
-    /// cpu (training on CUDA is not implemented yet).
+    /// cpu, cuda or cuda:N (bf16 weights and activations on a GPU; the adapter and its
+    /// optimizer stay f32).
     #[arg(long, default_value = "cpu")]
     device: String,
 
@@ -113,13 +113,7 @@ pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let config = config(&args)?;
     config.validate()?;
-    if args.device != "cpu" {
-        bail!(
-            "--device {}: training runs on the CPU for now (the CUDA backward kernels are not \
-             written yet); use --device cpu",
-            args.device
-        );
-    }
+    let device = super::score::parse_device(&args.device)?;
     let tokenizer = Tokenizer::load(&args.model)?;
     let examples = config.example_config()?;
     let (train_spec, eval_spec) = data_specs(&args)?;
@@ -140,7 +134,13 @@ pub fn run(args: Args) -> Result<()> {
             "note: evaluation data given without --eval-steps (or eval_steps): it is not used"
         );
     }
-    let model = Model::load(&args.model, Device::Cpu)?;
+    let model = Model::load(&args.model, device)?;
+    // PREFER_PROFILE=1: time every op of the forward and backward passes (each op then waits
+    // for the one before: slower steps, but each op's own GPU time).
+    let profile = model::env_switch("PREFER_PROFILE", false).map_err(anyhow::Error::msg)?;
+    if profile {
+        model.start_profile();
+    }
     let resume = match (&args.resume_from, args.resume) {
         (Some(dir), _) => Resume::From(dir.clone()),
         (None, true) => Resume::Latest,
@@ -156,6 +156,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
 
+    let mut step_times: Vec<f64> = Vec::new();
+    let mut last_step = Instant::now();
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -176,6 +178,7 @@ pub fn run(args: Args) -> Result<()> {
                 total_steps,
             } => {
                 bar.set_length(total_steps as u64);
+                last_step = Instant::now();
                 bar.set_position(start_step as u64);
                 if start_step > 0 {
                     say(
@@ -184,7 +187,11 @@ pub fn run(args: Args) -> Result<()> {
                     );
                 }
             }
-            Event::Stepped { step } => bar.set_position(step as u64),
+            Event::Stepped { step } => {
+                step_times.push(last_step.elapsed().as_secs_f64());
+                last_step = Instant::now();
+                bar.set_position(step as u64);
+            }
             Event::Logged(entry) => {
                 if let Some(loss) = entry.get("loss").and_then(|v| v.as_f64()) {
                     bar.set_message(format!("loss {loss:.4}"));
@@ -195,6 +202,35 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
+    // Seconds of each optimizer step this process ran (logging, evaluation and saving
+    // included), and the GPU's memory: what bench/gpu/train.sh reads.
+    let mut stats = serde_json::Map::new();
+    stats.insert("device".into(), device.to_string().into());
+    stats.insert("step_s".into(), step_times.clone().into());
+    let mut sorted = step_times;
+    sorted.sort_by(f64::total_cmp);
+    if let Some(median) = sorted.get(sorted.len() / 2) {
+        stats.insert("median_step_s".into(), (*median).into());
+    }
+    if let Some(mem) = super::score::gpu_memory(device)? {
+        stats.insert("peak_live_bytes".into(), mem.peak_live.into());
+        stats.insert("peak_reserved_bytes".into(), mem.peak_reserved.into());
+    }
+    if profile {
+        let times = model.stop_profile();
+        let ms: serde_json::Map<String, serde_json::Value> = times
+            .by_kind
+            .iter()
+            .map(|(kind, (ms, calls))| {
+                (
+                    kind.name().to_string(),
+                    serde_json::json!({"ms": ms, "calls": calls}),
+                )
+            })
+            .collect();
+        stats.insert("profile_ms".into(), ms.into());
+    }
+    eprintln!("prefer train stats: {}", serde_json::Value::Object(stats));
     eprintln!(
         "trained {} steps in {:.1?}; mean loss {:.4}; adapter: {} (last checkpoint {})",
         summary.global_step,

@@ -5,6 +5,7 @@
 //! accumulators); see each function for the dtype of its output.
 use rayon::prelude::*;
 
+use crate::cuda::DType;
 use crate::cuda::ops as cuda_ops;
 use crate::{EngineError, Result, Tensor};
 
@@ -65,6 +66,25 @@ pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     Ok(out)
 }
 
+/// x in `dtype` on its device: on a GPU a bf16 copy (rounded to nearest even) or an f32 one
+/// (exact), or x itself when it has that dtype. CPU tensors are always f32: `Bf16` rounds
+/// their values to bf16 (what a GPU copy would hold) and keeps them in f32.
+pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if let Some(gpu) = cuda_ops::device_of("cast", &[("x", x)])? {
+        return cuda_ops::elementwise::cast(&gpu, x, dtype);
+    }
+    match dtype {
+        DType::F32 => Ok(x.clone()),
+        DType::Bf16 => {
+            let mut out = x.clone();
+            for v in out.as_mut_slice()? {
+                *v = half::bf16::from_f32(*v).to_f32();
+            }
+            Ok(out)
+        }
+    }
+}
+
 /// Rows per block of [`sum_over_rows`]: fixed, so that the order of the additions (and so
 /// every bit of the result) does not depend on the number of threads.
 const ROWS_PER_BLOCK: usize = 32;
@@ -102,6 +122,24 @@ pub(crate) fn sum_over_rows(
 mod tests {
     use super::*;
     use crate::test_util::Rng;
+
+    #[test]
+    fn cast_on_the_cpu_rounds_to_bf16_values_or_copies() {
+        // 1 + 2⁻⁸ is halfway between two bf16 values: nearest even rounds it down to 1;
+        // 1 + 3·2⁻⁸ rounds up to 1 + 2⁻⁶.
+        let x =
+            Tensor::from_vec(vec![1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5, 0.1], &[4]).unwrap();
+        let b = cast(&x, DType::Bf16).unwrap().to_vec().unwrap();
+        assert_eq!(b[0], 1.0);
+        assert_eq!(b[1], 1.0 + 4.0 / 256.0);
+        assert_eq!(b[2], -2.5);
+        // 0.1 = 0x3DCCCCCD: the low half 0xCCCD is above halfway, so it rounds up.
+        assert_eq!(b[3].to_bits(), 0x3DCD_0000);
+        assert_eq!(
+            cast(&x, DType::F32).unwrap().to_vec().unwrap(),
+            x.to_vec().unwrap()
+        );
+    }
 
     #[test]
     fn add_and_scale_match_a_plain_loop() {

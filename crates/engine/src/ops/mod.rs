@@ -30,7 +30,7 @@ pub use activation::{
 pub use attention::{
     AttentionGrads, AttentionOut, AttentionParams, SeqLayout, attention, attention_backward,
 };
-pub use elementwise::{add, add_inplace, scale};
+pub use elementwise::{add, add_inplace, cast, scale};
 pub use embedding::{embedding, embedding_backward, embedding_indices};
 pub use linear::{bias_backward, linear, linear_backward_input, linear_backward_weight};
 pub use logits_at_least::{RowTokens, logits_at_least};

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use engine::Device;
 use model::{Dropout, Lora, LoraPair, Model};
 use serde_json::{Map, Value};
 
@@ -151,6 +152,7 @@ pub fn train(
     std::fs::create_dir_all(&config.output_dir)
         .map_err(|e| TrainError::io(&config.output_dir, e))?;
 
+    let device = model.device();
     let mut metrics = MetricsLog::new();
     metrics.set_total_train_tokens(state.total_train_tokens);
     let (mut window_loss, mut window_steps) = (0.0f64, 0usize);
@@ -174,7 +176,10 @@ pub fn train(
         let epoch_order = order.as_ref().map(|(_, o)| o.as_slice()).unwrap_or(&[]);
         let micro_batches = plan_step.batches.len();
         let scale = 1.0 / micro_batches as f64;
-        let mut grads = lora.zeros_like();
+        // The f32 master adapter stays on the host with the optimizer; the model's device
+        // gets a copy to compute with (bf16 on a GPU) and accumulates f32 gradients.
+        let compute = lora.to_device(device)?;
+        let mut grads = lora.zeros_on(device)?;
         let mut step_loss = 0.0;
         for (j, b) in plan_step.batches.clone().enumerate() {
             let batch: Vec<&DpoExample> = plan
@@ -185,7 +190,7 @@ pub fn train(
             let dropout = dropout(config, step, j);
             let out = micro_batch(
                 model,
-                &lora,
+                &compute,
                 &batch,
                 &examples,
                 &loss,
@@ -196,6 +201,8 @@ pub fn train(
             step_loss += out.loss * scale;
             metrics.record(Mode::Train, &out.metrics);
         }
+        drop(compute);
+        let mut grads = grads.to_device(Device::Cpu)?;
         let grad_norm = clip_grad_norm(&mut slices_mut(&mut grads)?, config.max_grad_norm);
         if !grad_norm.is_finite() {
             return Err(TrainError::Arg {
@@ -235,7 +242,8 @@ pub fn train(
         if let (Some(every), Some(eval)) = (config.eval_steps, eval)
             && ((step + 1) % every == 0 || done)
         {
-            let mut entry = evaluate(model, &lora, eval, config, &loss, &mut metrics)?;
+            let compute = lora.to_device(device)?;
+            let mut entry = evaluate(model, &compute, eval, config, &loss, &mut metrics)?;
             finish_entry(&mut entry, &state);
             on_event(Event::Logged(&entry));
             state.log_history.push(entry);

@@ -21,6 +21,8 @@ pub(crate) const KERNELS: &[&str] = &[
     "add_f32",
     "add_f32_bf16",
     "scale_f32",
+    "cast_f32_bf16",
+    "cast_bf16_f32",
 ];
 
 const BLOCK: u32 = 256;
@@ -158,6 +160,40 @@ pub(crate) fn scale(backend: &Arc<CudaBackend>, x: &Tensor, s: f32) -> Result<Te
                 (BLOCK, 1, 1),
                 0,
                 &mut params![po, px, s, n64],
+            )
+        }?;
+    }
+    Ok(out)
+}
+
+/// x in `dtype`: a copy rounded to bf16 (nearest even) or widened to f32; x itself (shared)
+/// when it has that dtype already.
+pub(crate) fn cast(backend: &Arc<CudaBackend>, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    const OP: &str = "cast";
+    let from = dtype_of(OP, "x", x)?;
+    if from == dtype {
+        return Ok(x.clone());
+    }
+    let px = any_ptr(OP, "x", x)?;
+    let out = empty(backend, x.shape(), dtype)?;
+    let n = x.len();
+    if n > 0 {
+        let po = any_ptr(OP, "out", &out)?;
+        let name = match dtype {
+            DType::Bf16 => "cast_f32_bf16",
+            DType::F32 => "cast_bf16_f32",
+        };
+        let kernel = backend.kernel(Module::Elementwise, name)?;
+        let grid = grid_stride(backend, n, BLOCK);
+        let n64 = n as i64;
+        // SAFETY: out holds n elements of `dtype`, x n elements of the other dtype.
+        unsafe {
+            backend.launch(
+                &kernel,
+                (grid, 1, 1),
+                (BLOCK, 1, 1),
+                0,
+                &mut params![po, px, n64],
             )
         }?;
     }
