@@ -45,13 +45,15 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     ap.add_argument("--out", default="/tmp/dpo-trl-out")
+    ap.add_argument("--no-gradient-checkpointing", action="store_true")
     args = ap.parse_args()
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     data = load_dataset("json", data_files=args.rows, split="train")
     cfg = DPOConfig(output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-                    max_steps=args.steps, learning_rate=1e-5, bf16=True, gradient_checkpointing=True,
+                    max_steps=args.steps, learning_rate=1e-5, bf16=True,
+                    gradient_checkpointing=not args.no_gradient_checkpointing,
                     max_length=args.max_length, logging_steps=1, save_strategy="no", report_to="none",
                     beta=0.1, dataloader_num_workers=0)
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,

@@ -45,9 +45,19 @@ for shape in ${PREFER_TRAIN_SHAPES:-qwen05 gemma2b}; do
         --max-length 1024 --learning-rate 1e-5 --logging-steps 1 --save-steps 100000 \
         2>"$W/prof-$shape.log"
     prof=$(grep '^prefer train stats:' "$W/prof-$shape.log" | sed 's/^prefer train stats: //')
+    # Both sides again without gradient checkpointing (activations kept: faster, more memory).
+    rm -rf "$W/nogc-$shape"
+    timeout 200 $G/bin/prefer train --device cuda --model "$m" --data "$W/rows.jsonl" \
+        --output-dir "$W/nogc-$shape" --per-device-train-batch-size 8 --max-steps "$STEPS" \
+        --lora-r 16 --lora-alpha 16 --lora-dropout 0.05 --lora-target-modules "$TARGETS" \
+        --max-length 1024 --learning-rate 1e-5 --logging-steps 1 --save-steps 100000 \
+        --gradient-checkpointing false 2>"$W/nogc-$shape.log"
+    nogc=$(grep '^prefer train stats:' "$W/nogc-$shape.log" | sed 's/^prefer train stats: //')
+    trl_nogc=$(timeout 300 python3 bench/gpu/dpo_trl.py "$m" "$W/rows.jsonl" --batch 8 --steps "$STEPS" \
+        --max-length 1024 --targets "$TARGETS" --no-gradient-checkpointing 2>"$W/trl-nogc-$shape.log" | tail -n 1)
     echo "== $shape: TRL + PEFT"
     trl=$(timeout 400 python3 bench/gpu/dpo_trl.py "$m" "$W/rows.jsonl" --batch 8 --steps "$STEPS" \
         --max-length 1024 --targets "$TARGETS" 2>"$W/trl-$shape.log" | tail -n 1)
     echo "rc=$?"; tail -n 3 "$W/trl-$shape.log"
-    echo "{\"shape\": \"$shape\", \"prefer\": ${ours:-null}, \"trl\": ${trl:-null}, \"prefer_profiled\": ${prof:-null}}" | tee -a "$OUT/train.json"
+    echo "{\"shape\": \"$shape\", \"prefer\": ${ours:-null}, \"trl\": ${trl:-null}, \"prefer_profiled\": ${prof:-null}, \"prefer_no_gc\": ${nogc:-null}, \"trl_no_gc\": ${trl_nogc:-null}}" | tee -a "$OUT/train.json"
 done

@@ -151,8 +151,9 @@ pub(crate) fn lora_backward(
 
 impl DecoderLayer {
     /// The gradient of the layer's input x: [T, C] given the gradient of its output
-    /// `d_out`: [T, C], recomputing the forward (prefill layout, no cache). With `lora`,
-    /// its pairs' gradients are added into `grads` (same shapes).
+    /// `d_out`: [T, C]. `kept` is the forward's tape when the forward kept one (no gradient
+    /// checkpointing); otherwise the forward is recomputed here (prefill layout, no cache).
+    /// With `lora`, its pairs' gradients are added into `grads` (same shapes).
     pub(crate) fn backward(
         &self,
         ctx: &LayerCtx<'_>,
@@ -160,6 +161,7 @@ impl DecoderLayer {
         d_out: &Tensor,
         lora: Option<&LoraCtx<'_>>,
         mut grads: Option<&mut LayerLora>,
+        kept: Option<LayerTape>,
     ) -> Result<Tensor> {
         let cfg = ctx.cfg;
         let a = &cfg.arch;
@@ -175,9 +177,15 @@ impl DecoderLayer {
                 ops::linear_backward_input(dy, w)
             })
         };
-        let mut tape = LayerTape::default();
-        let h = ctx.norm(x, &self.input_layernorm)?;
-        self.forward_normed(ctx, x, h, None, None, lora, Some(&mut tape))?;
+        let tape = match kept {
+            Some(tape) => tape,
+            None => {
+                let mut tape = LayerTape::default();
+                let h = ctx.norm(x, &self.input_layernorm)?;
+                self.forward_normed(ctx, x, h, None, None, lora, Some(&mut tape))?;
+                tape
+            }
+        };
 
         // Gradients of the LoRA'd modules of one projection: `dy` is the stacked output's
         // gradient, `dx` the projection input's.

@@ -76,4 +76,4 @@ pub use merge::{DEFAULT_MAX_SHARD_BYTES, MergeOptions, MergeReport, merge_adapte
 pub use model::Model;
 pub use profile::{OpKind, OpTimes, env_switch};
 pub use tokenizer::{PromptCompletion, Tokenizer, common_prefix_len};
-pub use training::{LoraTape, TrainBatch};
+pub use training::{Checkpointing, LoraTape, TrainBatch};

@@ -16,11 +16,19 @@ use engine::ops::{self, LowRank, SeqLayout, TokenStats};
 use engine::{Indices, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::layer_backward::LoraCtx;
+use crate::layer_backward::{LayerTape, LoraCtx};
 use crate::lora::{Dropout, Lora, LoraTarget, MaskSite, dropped, dropped_backward};
 use crate::model::Model;
 use crate::profile::OpKind;
 use engine::ops::DropoutKey;
+
+/// Whether the backward recomputes each layer from its saved input (gradient checkpointing,
+/// the default) or reads what the forward kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpointing {
+    Recompute,
+    Keep,
+}
 
 /// A packed training batch: whole sequences (prefill layout) and the hidden rows whose next
 /// token's log-prob counts.
@@ -37,6 +45,8 @@ pub struct LoraTape {
     positions: Vec<u32>, // [T]
     layout: SeqLayout,
     layer_inputs: Vec<Tensor>, // [L] × [T, C]
+    /// Every layer's intermediates, when the forward kept them (else empty: recompute).
+    layer_tapes: Vec<LayerTape>, // [L] or []
     x_final: Tensor,           // [T, C], before the final norm
     head: Option<HeadTape>,
     embed_u: Option<Tensor>, // [T, R]: Aᵀ[ids] of the embedding's pair
@@ -61,6 +71,19 @@ impl Model {
         lora: Option<&Lora>,
         dropout: Dropout,
     ) -> Result<(TokenStats, LoraTape)> {
+        self.lora_forward_with(batch, lora, dropout, Checkpointing::Recompute)
+    }
+
+    /// [`Model::lora_forward`], choosing what the backward will have: with
+    /// [`Checkpointing::Keep`] every layer's intermediates stay in the tape (more memory, no
+    /// recomputation: TRL's `gradient_checkpointing=False`).
+    pub fn lora_forward_with(
+        &self,
+        batch: &TrainBatch,
+        lora: Option<&Lora>,
+        dropout: Dropout,
+        checkpointing: Checkpointing,
+    ) -> Result<(TokenStats, LoraTape)> {
         let (positions, layout) = self.check_batch(batch)?;
         let cfg = self.config();
         if let Some(lora) = lora {
@@ -83,11 +106,15 @@ impl Model {
             scaling: l.spec.scaling(),
             dropout,
         });
+        let keep = checkpointing == Checkpointing::Keep && lora.is_some();
         let mut layer_inputs = Vec::with_capacity(self.layers.len());
+        let mut layer_tapes = Vec::new();
         for layer in &self.layers {
             let h = ctx.norm(&x, &layer.input_layernorm)?;
+            let mut tape = keep.then(LayerTape::default);
             let (out, _) =
-                layer.forward_normed(&ctx, &x, h, None, None, lora_ctx.as_ref(), None)?;
+                layer.forward_normed(&ctx, &x, h, None, None, lora_ctx.as_ref(), tape.as_mut())?;
+            layer_tapes.extend(tape);
             layer_inputs.push(std::mem::replace(&mut x, out));
         }
         let hidden = ctx.norm(&x, &self.norm)?;
@@ -116,6 +143,7 @@ impl Model {
                 positions,
                 layout,
                 layer_inputs,
+                layer_tapes,
                 x_final: x,
                 head,
                 embed_u,
@@ -153,11 +181,14 @@ impl Model {
             positions,
             layout,
             layer_inputs,
+            layer_tapes,
             x_final,
             head,
             embed_u,
             dropout,
         } = tape;
+        let mut kept: Vec<Option<LayerTape>> = layer_tapes.into_iter().map(Some).collect();
+        kept.resize_with(self.layers.len(), || None);
 
         // LM head and final norm.
         let hidden = self.final_norm(&x_final)?;
@@ -221,6 +252,7 @@ impl Model {
                 &dx,
                 Some(&lora_ctx),
                 grads.layers.get_mut(l),
+                kept[l].take(),
             )?;
         }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use common::{Case, case_dirs, f64s, load_case, peft_key};
 use engine::Device;
-use model::{Dropout, Lora};
+use model::{Checkpointing, Dropout, Lora};
 use testkit::{fixtures_dir, read_safetensors_f32};
 
 const LOGP_TOL: f64 = 1e-4;
@@ -57,6 +57,18 @@ fn check_case(dir: &Path) {
     model
         .lora_backward(&batch, &lora, tape, &weights, &mut grads)
         .unwrap();
+    // Keeping the forward's activations instead of recomputing them changes nothing.
+    let (_, kept) = model
+        .lora_forward_with(&batch, Some(&lora), Dropout::Off, Checkpointing::Keep)
+        .unwrap();
+    let mut kept_grads = lora.zeros_like();
+    model
+        .lora_backward(&batch, &lora, kept, &weights, &mut kept_grads)
+        .unwrap();
+    for ((_, t, a), (_, _, b)) in grads.pairs().into_iter().zip(kept_grads.pairs()) {
+        assert_eq!(a.a.to_vec().unwrap(), b.a.to_vec().unwrap(), "{name} {t} A");
+        assert_eq!(a.b.to_vec().unwrap(), b.b.to_vec().unwrap(), "{name} {t} B");
+    }
     let want = read_safetensors_f32(&dir.join("grads.safetensors"));
     let mut worst = 0.0f32;
     for (layer, t, pair) in grads.pairs() {

@@ -250,3 +250,22 @@ fn a_checkpoint_of_another_run_is_refused() {
     .to_string();
     assert!(err.contains("checkpoint-2"), "{err}");
 }
+
+#[test]
+fn keeping_activations_trains_exactly_as_recomputing_them() {
+    let model_dir = fixtures_dir().join("models").join("gemma2-tiny");
+    let model = Model::load(&model_dir, Device::Cpu).unwrap();
+    let data = examples(&model_dir, 40);
+    let adapters: Vec<Vec<u8>> = [true, false]
+        .into_iter()
+        .map(|checkpointing| {
+            let out = TempDir::new("trainer-gc");
+            let mut config = resume_config(out.path());
+            config.max_steps = Some(2);
+            config.gradient_checkpointing = checkpointing;
+            run(&model, &config, &data, Resume::No);
+            std::fs::read(out.path().join("adapter_model.safetensors")).unwrap()
+        })
+        .collect();
+    assert!(adapters[0] == adapters[1], "the adapters differ");
+}

@@ -74,6 +74,10 @@ pub struct Args {
     weight_decay: Option<f64>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// true (recompute each layer in the backward: less memory) or false (keep the
+    /// forward's activations: faster).
+    #[arg(long)]
+    gradient_checkpointing: Option<bool>,
     #[arg(long)]
     max_length: Option<usize>,
     #[arg(long)]
@@ -279,6 +283,7 @@ fn config(args: &Args) -> Result<TrainConfig> {
         warmup_steps,
         weight_decay,
         max_grad_norm,
+        gradient_checkpointing,
         truncation_mode,
         lora_r,
         lora_alpha,

@@ -47,6 +47,9 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub max_grad_norm: f64,
+    /// Recompute each layer in the backward from its saved input (less memory; TRL's
+    /// DPOConfig default), or keep the forward's activations (faster, more memory).
+    pub gradient_checkpointing: bool,
     pub logging_steps: usize,
     /// Evaluate every this many steps (and at the end) when evaluation data is given.
     pub eval_steps: Option<usize>,
@@ -95,6 +98,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
+            gradient_checkpointing: true,
             logging_steps: 10,
             eval_steps: None,
             save_steps: 500,

@@ -5,7 +5,7 @@
 //! same packed batch beside the policy pass, with no gradient.
 
 use engine::ops::TokenStats;
-use model::{Dropout, Lora, Model};
+use model::{Checkpointing, Dropout, Lora, Model};
 
 use crate::error::{Result, TrainError};
 use crate::examples::{DpoExample, ExampleConfig, PackedBatch, pack};
@@ -32,11 +32,17 @@ pub(crate) fn micro_batch(
     loss: &DpoLoss,
     ld_alpha: Option<f64>,
     dropout: Dropout,
+    checkpointing: Checkpointing,
     grads: Option<(&mut Lora, f64)>,
 ) -> Result<MicroBatchOut> {
     let packed = pack(examples, config)?;
     let batch = packed.train_batch();
-    let (policy, tape) = model.lora_forward(&batch, Some(lora), dropout)?;
+    // Nothing to keep when nothing will be back-propagated.
+    let checkpointing = match grads {
+        Some(_) => checkpointing,
+        None => Checkpointing::Recompute,
+    };
+    let (policy, tape) = model.lora_forward_with(&batch, Some(lora), dropout, checkpointing)?;
     let (reference, _) = model.lora_forward(&batch, None, Dropout::Off)?;
     let rows = ScoredRows::new(&packed, &batch.targets);
     let pairs = rows.pair_batch(&packed, &policy, &reference, ld_alpha);
@@ -170,6 +176,7 @@ pub(crate) fn eval_batch(
         loss,
         ld_alpha,
         Dropout::Off,
+        Checkpointing::Recompute,
         None,
     )
 }

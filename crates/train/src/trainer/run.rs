@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use engine::Device;
-use model::{Dropout, Lora, LoraPair, Model};
+use model::{Checkpointing, Dropout, Lora, LoraPair, Model};
 use serde_json::{Map, Value};
 
 use crate::error::{Result, TrainError};
@@ -196,6 +196,11 @@ pub fn train(
                 &loss,
                 ld_alpha,
                 dropout,
+                if config.gradient_checkpointing {
+                    Checkpointing::Recompute
+                } else {
+                    Checkpointing::Keep
+                },
                 Some((&mut grads, scale)),
             )?;
             step_loss += out.loss * scale;
