@@ -10,10 +10,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use engine::{Device, Tensor};
+use engine::Device;
 use model::{Dropout, Lora, LoraPair, LoraSpec, LoraTarget, Model, TrainBatch};
 use serde_json::Value;
-use testkit::{TempDir, fixture, prefer, read_safetensors_f32, run};
+use testkit::{
+    Ran, TempDir, dir_entries, fixture, max_abs_diff, prefer, read_folder_safetensors_f32,
+    read_json, run,
+};
 
 /// Merged vs unmerged (and vs PEFT's merged model in f64), f32 checkpoints.
 const LOGP_TOL: f64 = 1e-4;
@@ -59,6 +62,27 @@ fn export(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> std::proc
     cmd
 }
 
+/// A fresh temp folder (named after `tag`) holding at `adapter` what [`train`] wrote for
+/// `model` on `modules`: (the folder, the adapter, the model's folder).
+fn trained(tag: &str, model: &str, modules: &str) -> (TempDir, PathBuf, PathBuf) {
+    let tmp = TempDir::new(tag);
+    let adapter = tmp.join("adapter");
+    train(model, modules, &adapter);
+    (tmp, adapter, model_dir(model))
+}
+
+/// `prefer export` that must succeed, and what it printed.
+#[track_caller]
+fn export_ok(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Ran {
+    run(&mut export(model, adapter, out, extra)).ok()
+}
+
+/// `prefer export` that must fail, and what it printed.
+#[track_caller]
+fn export_fails(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Ran {
+    run(&mut export(model, adapter, out, extra)).failed()
+}
+
 fn load_adapter(dir: &Path, model: &Model) -> Lora {
     train::peft::load_adapter(dir, model.config()).unwrap().lora
 }
@@ -96,11 +120,6 @@ fn logprobs(model: &Model, lora: Option<&Lora>, batch: &TrainBatch) -> Vec<f64> 
     stats.logp.iter().map(|&x| x as f64).collect()
 }
 
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
-}
-
 /// The merged export scores `batch` as the base with `lora` does, and not as the bare base.
 #[track_caller]
 fn assert_scores_as(out: &Path, base: &Model, lora: &Lora, what: &str) {
@@ -108,27 +127,17 @@ fn assert_scores_as(out: &Path, base: &Model, lora: &Lora, what: &str) {
     let merged = logprobs(&Model::load(out, Device::Cpu).unwrap(), None, &b);
     let unmerged = logprobs(base, Some(lora), &b);
     let bare = logprobs(base, None, &b);
-    let d = max_diff(&merged, &unmerged);
+    let d = max_abs_diff(&merged, &unmerged);
     assert!(d <= LOGP_TOL, "{what}: merged vs unmerged differ by {d:e}");
-    let moved = max_diff(&unmerged, &bare);
+    let moved = max_abs_diff(&unmerged, &bare);
     assert!(
         moved > MOVED,
         "{what}: the adapter moves log-probs by only {moved:e}"
     );
 }
 
-/// Every tensor of the model folder's safetensors files, by name.
+/// A model folder's tensors by name: (shape, values as f32).
 type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
-fn tensors(dir: &Path) -> Tensors {
-    let mut all = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "safetensors") {
-            all.extend(read_safetensors_f32(&path));
-        }
-    }
-    all
-}
 
 #[track_caller]
 fn assert_bit_identical(a: &Tensors, b: &Tensors, name: &str) {
@@ -141,41 +150,13 @@ fn assert_bit_identical(a: &Tensors, b: &Tensors, name: &str) {
     assert!(same, "{name} differs from the base");
 }
 
-/// `x` [m, n] transposed to [n, m].
-fn transpose(x: &Tensor) -> Tensor {
-    let (&[m, n], v) = (x.shape(), x.to_vec().unwrap()) else {
-        panic!("not a matrix: {:?}", x.shape());
-    };
-    let t: Vec<f32> = (0..n)
-        .flat_map(|j| (0..m).map(move |i| (i, j)))
-        .map(|(i, j)| v[i * n + j])
-        .collect();
-    Tensor::from_vec(t, &[n, m]).unwrap()
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn an_export_scores_as_the_unmerged_adapter() {
-    let tmp = TempDir::new("export-llama");
-    let adapter = tmp.join("adapter");
-    train("llama-tiny", ALL_MODULES, &adapter);
-    let base_dir = model_dir("llama-tiny");
+    let (tmp, adapter, base_dir) = trained("export-llama", "llama-tiny", ALL_MODULES);
     let base = Model::load(&base_dir, Device::Cpu).unwrap();
     let lora = load_adapter(&adapter, &base);
     let out = tmp.join("out");
-    let ran = run(&mut export(&base_dir, &adapter, &out, &[])).ok();
+    let ran = export_ok(&base_dir, &adapter, &out, &[]);
     // L layers × 7 linears, the embedding and the head; the norms copied.
     let layers = base.config().num_layers;
     assert!(
@@ -197,9 +178,9 @@ fn an_export_scores_as_the_unmerged_adapter() {
     assert_scores_as(&out, &base, &lora, "llama-tiny, all nine modules");
     // A plain model folder: the weights, the base's config (untied llama: byte for byte) and
     // its other files; no temp files left beside it.
-    let mut want: Vec<String> = entries(&base_dir);
+    let mut want: Vec<String> = dir_entries(&base_dir);
     want.sort();
-    assert_eq!(entries(&out), want);
+    assert_eq!(dir_entries(&out), want);
     for f in ["config.json", "generation_config.json", "tokenizer.json"] {
         assert_eq!(
             std::fs::read(out.join(f)).unwrap(),
@@ -207,26 +188,19 @@ fn an_export_scores_as_the_unmerged_adapter() {
             "{f}"
         );
     }
-    assert_eq!(entries(tmp.path()), vec!["adapter", "out"]);
+    assert_eq!(dir_entries(tmp.path()), vec!["adapter", "out"]);
 
     // The step-2 checkpoint is the same adapter: the same bytes.
     let from_checkpoint = tmp.join("from-checkpoint");
-    run(&mut export(
+    export_ok(
         &base_dir,
         &adapter.join("checkpoint-2"),
         &from_checkpoint,
         &[],
-    ))
-    .ok();
+    );
     // --servable vllm: llama loads untied heads, so nothing is left out.
     let servable = tmp.join("servable");
-    let ran = run(&mut export(
-        &base_dir,
-        &adapter,
-        &servable,
-        &["--servable", "vllm"],
-    ))
-    .ok();
+    let ran = export_ok(&base_dir, &adapter, &servable, &["--servable", "vllm"]);
     assert!(
         ran.stdout.contains("nothing more to leave out") && !ran.stdout.contains("left out the"),
         "{}",
@@ -244,12 +218,9 @@ fn an_export_scores_as_the_unmerged_adapter() {
 
 #[test]
 fn left_out_weights_stay_as_the_base_has_them() {
-    let tmp = TempDir::new("export-leave-out");
-    let adapter = tmp.join("adapter");
-    train("llama-tiny", ALL_MODULES, &adapter);
-    let base_dir = model_dir("llama-tiny");
+    let (tmp, adapter, base_dir) = trained("export-leave-out", "llama-tiny", ALL_MODULES);
     let base = Model::load(&base_dir, Device::Cpu).unwrap();
-    let base_tensors = tensors(&base_dir);
+    let base_tensors = read_folder_safetensors_f32(&base_dir);
     let lora = load_adapter(&adapter, &base);
 
     for (flag, embed_out, head_out) in [
@@ -258,19 +229,13 @@ fn left_out_weights_stay_as_the_base_has_them() {
         ("embed_tokens", true, false),
     ] {
         let out = tmp.join(format!("out-{flag}"));
-        let ran = run(&mut export(
-            &base_dir,
-            &adapter,
-            &out,
-            &["--leave-out", flag],
-        ))
-        .ok();
+        let ran = export_ok(&base_dir, &adapter, &out, &["--leave-out", flag]);
         assert!(
             ran.stdout.contains("left out the delta of"),
             "{}",
             ran.all()
         );
-        let got = tensors(&out);
+        let got = read_folder_safetensors_f32(&out);
         assert_eq!(
             got.keys().collect::<Vec<_>>(),
             base_tensors.keys().collect::<Vec<_>>()
@@ -299,13 +264,7 @@ fn left_out_weights_stay_as_the_base_has_them() {
     let adapter_q = tmp.join("adapter-q");
     train("llama-tiny", "q_proj,v_proj", &adapter_q);
     let out = tmp.join("out-q");
-    let ran = run(&mut export(
-        &base_dir,
-        &adapter_q,
-        &out,
-        &["--leave-out", "lm_head"],
-    ))
-    .ok();
+    let ran = export_ok(&base_dir, &adapter_q, &out, &["--leave-out", "lm_head"]);
     assert!(
         ran.stdout.contains("no lm_head pair")
             && ran
@@ -315,13 +274,12 @@ fn left_out_weights_stay_as_the_base_has_them() {
         ran.all()
     );
     // An unknown module name is refused by the parser, listing the choices.
-    let ran = run(&mut export(
+    let ran = export_fails(
         &base_dir,
         &adapter_q,
         &tmp.join("never"),
         &["--leave-out", "q_proj"],
-    ))
-    .failed();
+    );
     assert!(ran.stderr.contains("embed_tokens"), "{}", ran.all());
     assert!(!tmp.join("never").exists());
 }
@@ -330,20 +288,21 @@ fn left_out_weights_stay_as_the_base_has_them() {
 fn servable_vllm_keeps_a_tied_gemma2_tied() {
     // gemma2-oldconfig has no tie_word_embeddings in config.json: Gemma-2's default, tied.
     let name = "gemma2-oldconfig";
-    let tmp = TempDir::new("export-gemma2");
-    let adapter = tmp.join("adapter");
-    train(name, "embed_tokens,q_proj,down_proj,lm_head", &adapter);
-    let base_dir = model_dir(name);
+    let (tmp, adapter, base_dir) = trained(
+        "export-gemma2",
+        name,
+        "embed_tokens,q_proj,down_proj,lm_head",
+    );
     let base = Model::load(&base_dir, Device::Cpu).unwrap();
     assert!(base.config().tie_word_embeddings);
     let lora = load_adapter(&adapter, &base);
-    let base_tensors = tensors(&base_dir);
+    let base_tensors = read_folder_safetensors_f32(&base_dir);
     assert!(!base_tensors.contains_key(HEAD), "a tied checkpoint");
 
     // Without it: the trained embedding and head differ, so the tie is broken (transformers
     // loads that; vLLM's Gemma-2 does not) — and the report says so.
     let untied = tmp.join("untied");
-    let ran = run(&mut export(&base_dir, &adapter, &untied, &[])).ok();
+    let ran = export_ok(&base_dir, &adapter, &untied, &[]);
     assert!(
         ran.stdout.contains("broken") && ran.stdout.contains("--servable vllm"),
         "{}",
@@ -353,18 +312,12 @@ fn servable_vllm_keeps_a_tied_gemma2_tied() {
         read_json(&untied.join("config.json"))["tie_word_embeddings"],
         Value::Bool(false)
     );
-    assert!(tensors(&untied).contains_key(HEAD));
+    assert!(read_folder_safetensors_f32(&untied).contains_key(HEAD));
     assert_scores_as(&untied, &base, &lora, "gemma2, tie broken");
 
     // With it: the embedding and head deltas are left out, the tie and config.json stay.
     let servable = tmp.join("servable");
-    let ran = run(&mut export(
-        &base_dir,
-        &adapter,
-        &servable,
-        &["--servable", "vllm"],
-    ))
-    .ok();
+    let ran = export_ok(&base_dir, &adapter, &servable, &["--servable", "vllm"]);
     assert!(
         ran.stdout
             .contains("embed_tokens, lm_head: left out for --servable vllm")
@@ -378,7 +331,7 @@ fn servable_vllm_keeps_a_tied_gemma2_tied() {
         std::fs::read(base_dir.join("config.json")).unwrap(),
         "config.json unchanged: still tied"
     );
-    let got = tensors(&servable);
+    let got = read_folder_safetensors_f32(&servable);
     assert!(!got.contains_key(HEAD), "no separate head written");
     assert_bit_identical(&got, &base_tensors, EMBED);
     let mut partial = lora.clone();
@@ -391,19 +344,18 @@ fn servable_vllm_keeps_a_tied_gemma2_tied() {
     let mut tied = lora.clone();
     let embed = tied.embed.clone().unwrap();
     tied.lm_head = Some(LoraPair {
-        a: transpose(&embed.b),
-        b: transpose(&embed.a),
+        a: engine::ops::transpose(&embed.b).unwrap(),
+        b: engine::ops::transpose(&embed.a).unwrap(),
     });
     let tied_adapter = tmp.join("adapter-tied");
     train::peft::save_adapter(&tied_adapter, &tied, None).unwrap();
     let one_delta = tmp.join("one-delta");
-    let ran = run(&mut export(
+    let ran = export_ok(
         &base_dir,
         &tied_adapter,
         &one_delta,
         &["--servable", "vllm"],
-    ))
-    .ok();
+    );
     assert!(
         ran.stdout
             .contains("adds one delta to the shared embedding and head")
@@ -416,7 +368,7 @@ fn servable_vllm_keeps_a_tied_gemma2_tied() {
         std::fs::read(one_delta.join("config.json")).unwrap(),
         std::fs::read(base_dir.join("config.json")).unwrap()
     );
-    let got = tensors(&one_delta);
+    let got = read_folder_safetensors_f32(&one_delta);
     assert!(!got.contains_key(HEAD));
     assert_ne!(
         got[EMBED].1, base_tensors[EMBED].1,
@@ -429,13 +381,12 @@ fn servable_vllm_keeps_a_tied_gemma2_tied() {
     let adapter2 = tmp.join("adapter-untied-base");
     train("gemma2-tiny", "q_proj", &adapter2);
     let never = tmp.join("never");
-    let ran = run(&mut export(
+    let ran = export_fails(
         &model_dir("gemma2-tiny"),
         &adapter2,
         &never,
         &["--servable", "vllm"],
-    ))
-    .failed();
+    );
     assert!(
         ran.stderr.contains("tie_word_embeddings: false") && ran.stderr.contains("config.json"),
         "{}",
@@ -446,24 +397,20 @@ fn servable_vllm_keeps_a_tied_gemma2_tied() {
 
 #[test]
 fn shards_as_save_pretrained_at_max_shard_size() {
-    let tmp = TempDir::new("export-shards");
-    let adapter = tmp.join("adapter");
-    train("llama-tiny", ALL_MODULES, &adapter);
-    let base_dir = model_dir("llama-tiny");
+    let (tmp, adapter, base_dir) = trained("export-shards", "llama-tiny", ALL_MODULES);
     let single = tmp.join("single");
-    run(&mut export(&base_dir, &adapter, &single, &[])).ok();
+    export_ok(&base_dir, &adapter, &single, &[]);
     let sharded = tmp.join("sharded");
     // transformers' index for this model at max_shard_size=200_000 (the same tensor sizes
     // whatever the adapter's values): fixtures/train/merged/llama-tiny.json.
     let reference = read_json(&fixture("train/merged/llama-tiny.json"))["sharded"].clone();
     assert_eq!(reference["max_shard_size"], 200_000);
-    let ran = run(&mut export(
+    let ran = export_ok(
         &base_dir,
         &adapter,
         &sharded,
         &["--max-shard-size", "200KB"],
-    ))
-    .ok();
+    );
     let files: Vec<String> = reference["files"]
         .as_array()
         .unwrap()
@@ -485,19 +432,21 @@ fn shards_as_save_pretrained_at_max_shard_size() {
         ran.all()
     );
     // The same weights as the single file, so the same log-probs exactly.
-    assert_eq!(tensors(&sharded), tensors(&single));
+    assert_eq!(
+        read_folder_safetensors_f32(&sharded),
+        read_folder_safetensors_f32(&single)
+    );
     let b = batch();
     let a = logprobs(&Model::load(&single, Device::Cpu).unwrap(), None, &b);
     let s = logprobs(&Model::load(&sharded, Device::Cpu).unwrap(), None, &b);
     assert_eq!(a, s);
 
-    let ran = run(&mut export(
+    let ran = export_fails(
         &base_dir,
         &adapter,
         &tmp.join("never"),
         &["--max-shard-size", "5XB"],
-    ))
-    .failed();
+    );
     assert!(
         ran.stderr.contains("--max-shard-size") && ran.stderr.contains("5XB"),
         "{}",
@@ -553,52 +502,31 @@ fn fixture_adapters_export_as_peft_merges_them() {
         std::fs::write(adapter.join("adapter_config.json"), config.to_json()).unwrap();
 
         let out = tmp.join("out");
-        run(&mut export(&model_dir(name), &adapter, &out, &[])).ok();
+        export_ok(&model_dir(name), &adapter, &out, &[]);
         let reference = read_json(&fixture("train/merged").join(format!("{name}.json")));
-        let seqs: Vec<Vec<u32>> = reference["sequences"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(testkit::u32s)
-            .collect();
-        let mut starts = vec![0];
-        for s in &seqs {
-            starts.push(starts.last().unwrap() + s.len());
-        }
-        let (mut rows, mut targets) = (Vec::new(), Vec::new());
-        for r in reference["rows"].as_array().unwrap() {
-            let at =
-                starts[r["seq"].as_u64().unwrap() as usize] + r["pos"].as_u64().unwrap() as usize;
-            for t in testkit::u32s(&r["targets"]) {
-                rows.push(at);
-                targets.push(t);
-            }
-        }
+        let packed = testkit::packed_rows(&reference);
         let b = TrainBatch {
-            ids: seqs.concat(),
-            lens: seqs.iter().map(Vec::len).collect(),
-            rows,
-            targets,
+            ids: packed.ids,
+            lens: packed.lens,
+            rows: packed.rows,
+            targets: packed.targets,
         };
         let got = logprobs(&Model::load(&out, Device::Cpu).unwrap(), None, &b);
         let want = testkit::f64s(&reference["logprobs"]);
-        let d = max_diff(&got, &want);
+        let d = max_abs_diff(&got, &want);
         assert!(d <= LOGP_TOL, "{name}: {d:e} from PEFT's merged model");
     }
 }
 
 #[test]
 fn an_existing_folder_is_replaced_only_with_overwrite() {
-    let tmp = TempDir::new("export-overwrite");
-    let adapter = tmp.join("adapter");
-    train("llama-tiny", "q_proj,v_proj", &adapter);
-    let base_dir = model_dir("llama-tiny");
+    let (tmp, adapter, base_dir) = trained("export-overwrite", "llama-tiny", "q_proj,v_proj");
     let out = tmp.join("out");
-    run(&mut export(&base_dir, &adapter, &out, &[])).ok();
+    export_ok(&base_dir, &adapter, &out, &[]);
     std::fs::write(out.join("stale.txt"), "from before").unwrap();
     let before = std::fs::read(out.join("model.safetensors")).unwrap();
 
-    let ran = run(&mut export(&base_dir, &adapter, &out, &[])).failed();
+    let ran = export_fails(&base_dir, &adapter, &out, &[]);
     assert!(
         ran.stderr.contains(&out.display().to_string()) && ran.stderr.contains("--overwrite"),
         "{}",
@@ -606,7 +534,7 @@ fn an_existing_folder_is_replaced_only_with_overwrite() {
     );
     assert!(out.join("stale.txt").exists(), "left as it was");
 
-    let ran = run(&mut export(&base_dir, &adapter, &out, &["--overwrite"])).ok();
+    let ran = export_ok(&base_dir, &adapter, &out, &["--overwrite"]);
     assert!(
         !out.join("stale.txt").exists(),
         "replaced whole: {}",
@@ -617,7 +545,7 @@ fn an_existing_folder_is_replaced_only_with_overwrite() {
         before
     );
     assert_eq!(
-        entries(tmp.path()),
+        dir_entries(tmp.path()),
         vec!["adapter", "out"],
         "no temp folders"
     );
@@ -625,42 +553,39 @@ fn an_existing_folder_is_replaced_only_with_overwrite() {
     // An empty folder is fine without --overwrite.
     let empty = tmp.join("empty");
     std::fs::create_dir(&empty).unwrap();
-    run(&mut export(&base_dir, &adapter, &empty, &[])).ok();
+    export_ok(&base_dir, &adapter, &empty, &[]);
     assert!(empty.join("model.safetensors").is_file());
 
     // --overwrite replaces a model folder, never anything else, nor an input.
     let notes = tmp.join("notes");
     std::fs::create_dir(&notes).unwrap();
     std::fs::write(notes.join("todo.txt"), "keep me").unwrap();
-    let ran = run(&mut export(&base_dir, &adapter, &notes, &["--overwrite"])).failed();
+    let ran = export_fails(&base_dir, &adapter, &notes, &["--overwrite"]);
     assert!(ran.stderr.contains("todo.txt"), "{}", ran.all());
     assert!(notes.join("todo.txt").exists());
     let copy = tmp.join("base-copy");
     std::fs::create_dir(&copy).unwrap();
-    for f in entries(&base_dir) {
+    for f in dir_entries(&base_dir) {
         std::fs::copy(base_dir.join(&f), copy.join(&f)).unwrap();
     }
-    let ran = run(&mut export(&copy, &adapter, &copy, &["--overwrite"])).failed();
+    let ran = export_fails(&copy, &adapter, &copy, &["--overwrite"]);
     assert!(ran.stderr.contains("an input"), "{}", ran.all());
-    assert_eq!(entries(&copy), entries(&base_dir));
+    assert_eq!(dir_entries(&copy), dir_entries(&base_dir));
     // A file where the folder should be.
     let file = tmp.join("file");
     std::fs::write(&file, "x").unwrap();
-    let ran = run(&mut export(&base_dir, &adapter, &file, &["--overwrite"])).failed();
+    let ran = export_fails(&base_dir, &adapter, &file, &["--overwrite"]);
     assert!(ran.stderr.contains("not a folder"), "{}", ran.all());
 }
 
 #[test]
 fn bad_inputs_are_refused_naming_the_file() {
-    let tmp = TempDir::new("export-bad");
-    let adapter = tmp.join("adapter");
-    train("llama-tiny", "q_proj,lm_head", &adapter);
-    let base_dir = model_dir("llama-tiny");
+    let (tmp, adapter, base_dir) = trained("export-bad", "llama-tiny", "q_proj,lm_head");
     let out = tmp.join("out");
 
     // No such adapter folder.
     let missing = tmp.join("no-such-adapter");
-    let ran = run(&mut export(&base_dir, &missing, &out, &[])).failed();
+    let ran = export_fails(&base_dir, &missing, &out, &[]);
     assert!(
         ran.stderr.contains(&missing.display().to_string()),
         "{}",
@@ -670,19 +595,19 @@ fn bad_inputs_are_refused_naming_the_file() {
     let runs = tmp.join("runs");
     std::fs::create_dir_all(runs.join("checkpoint-2")).unwrap();
     std::fs::create_dir_all(runs.join("checkpoint-10")).unwrap();
-    let ran = run(&mut export(&base_dir, &runs, &out, &[])).failed();
+    let ran = export_fails(&base_dir, &runs, &out, &[]);
     assert!(
         ran.stderr.contains("adapter_config.json") && ran.stderr.contains("checkpoint-10"),
         "{}",
         ran.all()
     );
     // No such model.
-    let ran = run(&mut export(&tmp.join("no-model"), &adapter, &out, &[])).failed();
+    let ran = export_fails(&tmp.join("no-model"), &adapter, &out, &[]);
     assert!(ran.stderr.contains("no-model"), "{}", ran.all());
     // A model folder without config.json.
     let bare = tmp.join("bare");
     std::fs::create_dir(&bare).unwrap();
-    let ran = run(&mut export(&bare, &adapter, &out, &[])).failed();
+    let ran = export_fails(&bare, &adapter, &out, &[]);
     assert!(
         ran.stderr
             .contains(&bare.join("config.json").display().to_string()),
@@ -691,7 +616,7 @@ fn bad_inputs_are_refused_naming_the_file() {
     );
     // An adapter for another architecture (llama-tiny's onto qwen2-tiny): the tensor that
     // does not fit, in its file.
-    let ran = run(&mut export(&model_dir("qwen2-tiny"), &adapter, &out, &[])).failed();
+    let ran = export_fails(&model_dir("qwen2-tiny"), &adapter, &out, &[]);
     assert!(
         ran.stderr.contains("adapter_model.safetensors")
             && ran.stderr.contains("qwen2-tiny (qwen2")
@@ -713,7 +638,7 @@ fn bad_inputs_are_refused_naming_the_file() {
         &bytes[..bytes.len() / 2],
     )
     .unwrap();
-    let ran = run(&mut export(&base_dir, &broken, &out, &[])).failed();
+    let ran = export_fails(&base_dir, &broken, &out, &[]);
     assert!(
         ran.stderr.contains(
             &broken
@@ -726,7 +651,7 @@ fn bad_inputs_are_refused_naming_the_file() {
     );
     assert!(!out.exists(), "no failed run wrote anything");
     assert_eq!(
-        entries(tmp.path()),
+        dir_entries(tmp.path()),
         vec!["adapter", "bare", "broken", "runs"],
         "no temp folders left"
     );
@@ -734,17 +659,15 @@ fn bad_inputs_are_refused_naming_the_file() {
 
 #[test]
 fn an_adapter_trained_on_another_folder_is_merged_with_a_warning() {
-    let tmp = TempDir::new("export-other-base");
-    let adapter = tmp.join("adapter");
-    train("llama-tiny", "q_proj,v_proj", &adapter);
+    let (tmp, adapter, _) = trained("export-other-base", "llama-tiny", "q_proj,v_proj");
     // The same weights in another folder (another name).
     let copy = tmp.join("my-llama");
     std::fs::create_dir(&copy).unwrap();
-    for f in entries(&model_dir("llama-tiny")) {
+    for f in dir_entries(&model_dir("llama-tiny")) {
         std::fs::copy(model_dir("llama-tiny").join(&f), copy.join(&f)).unwrap();
     }
     let out = tmp.join("out");
-    let ran = run(&mut export(&copy, &adapter, &out, &[])).ok();
+    let ran = export_ok(&copy, &adapter, &out, &[]);
     assert!(
         ran.stderr.contains("warning")
             && ran.stderr.contains("llama-tiny")

@@ -51,3 +51,16 @@ pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f64], abs: f64, rel:
         );
     }
 }
+
+/// Asserts that a CUBIN defines every kernel in `names`: each name appears NUL-terminated in
+/// its string table (the ptxas log does not list kernels it compiled without statistics).
+#[track_caller]
+pub(crate) fn assert_cubin_has_kernels(cubin: &[u8], names: &[&str]) {
+    for name in names {
+        let needle = [b"\0", name.as_bytes(), b"\0"].concat();
+        assert!(
+            cubin.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "the CUBIN has no kernel named {name}"
+        );
+    }
+}

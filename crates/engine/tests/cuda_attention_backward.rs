@@ -24,7 +24,7 @@ use engine::ops::{self, AttentionGrads, AttentionParams, SeqLayout};
 use engine::{Device, EngineError, Tensor};
 
 mod common;
-use common::{GPU, NonFinite, Rng, gpu, gpu_lock, rand_tensor};
+use common::{GPU, NonFinite, Rng, gpu, gpu_lock, max_abs, rand_tensor, seq_layout, starts};
 
 /// Head dims with a tensor-core instance (kernels/attention_backward.cu).
 const TENSOR_CORE_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
@@ -38,12 +38,23 @@ struct Case {
     params: AttentionParams,
 }
 
-fn starts(lens: &[usize]) -> Vec<usize> {
-    let mut s = vec![0];
-    for l in lens {
-        s.push(s.last().unwrap() + l);
+impl Case {
+    /// H query heads over Hkv kv heads of size D, on sequences of `q_lens` queries over
+    /// `kv_lens` keys.
+    fn new(
+        [h, hkv, d]: [usize; 3],
+        (q_lens, kv_lens): (&[usize], &[usize]),
+        params: AttentionParams,
+    ) -> Case {
+        Case {
+            h,
+            hkv,
+            d,
+            q_lens: q_lens.to_vec(),
+            kv_lens: kv_lens.to_vec(),
+            params,
+        }
     }
-    s
 }
 
 fn prefill(lens: &[usize]) -> (Vec<usize>, Vec<usize>) {
@@ -60,14 +71,7 @@ fn params(d: usize, window: Option<usize>, softcap: Option<f32>) -> AttentionPar
 
 /// Runs one case (see the file header) and returns the GPU gradients.
 fn check(rng: &mut Rng, c: &Case) -> AttentionGrads {
-    let layout = SeqLayout {
-        q_starts: starts(&c.q_lens),
-        kv_starts: starts(&c.kv_lens),
-    };
-    let (tq, tkv) = (
-        *layout.q_starts.last().unwrap(),
-        *layout.kv_starts.last().unwrap(),
-    );
+    let (layout, tq, tkv) = seq_layout(&c.q_lens, &c.kv_lens);
     let q = rand_tensor(rng, &[tq, c.h, c.d], -2.0, 2.0);
     let k = rand_tensor(rng, &[tkv, c.hkv, c.d], -2.0, 2.0);
     let v = rand_tensor(rng, &[tkv, c.hkv, c.d], -1.0, 1.0);
@@ -99,7 +103,7 @@ fn check(rng: &mut Rng, c: &Case) -> AttentionGrads {
         assert_eq!(got.dtype(), DType::Bf16, "{name}");
         assert_eq!(got.shape(), &shape, "{name}");
         let (g, w) = (got.to_vec().unwrap(), want.to_vec().unwrap());
-        let max = w.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64));
+        let max = max_abs(&w);
         let worst = g
             .iter()
             .zip(&w)
@@ -137,14 +141,7 @@ fn backward_of_prefill_matches_cpu() {
                 (Some(100), Some(1.5)),
                 (Some(1), None),
             ] {
-                let case = Case {
-                    h,
-                    hkv,
-                    d,
-                    q_lens: q_lens.clone(),
-                    kv_lens: kv_lens.clone(),
-                    params: params(d, window, softcap),
-                };
+                let case = Case::new([h, hkv, d], (&q_lens, &kv_lens), params(d, window, softcap));
                 check(&mut rng, &case);
             }
         }
@@ -169,14 +166,7 @@ fn backward_with_cached_keys_matches_cpu() {
         (24, 8, 24),
     ] {
         for (window, softcap) in [(None, None), (Some(6), Some(1.0)), (Some(50), None)] {
-            let case = Case {
-                h,
-                hkv,
-                d,
-                q_lens: q_lens.clone(),
-                kv_lens: kv_lens.clone(),
-                params: params(d, window, softcap),
-            };
+            let case = Case::new([h, hkv, d], (&q_lens, &kv_lens), params(d, window, softcap));
             let got = check(&mut rng, &case);
             // The sequence without queries: its dk and dv rows are exactly zero.
             let kv_starts = starts(&kv_lens);
@@ -198,14 +188,7 @@ fn backward_at_head_dims_without_tensor_cores_matches_cpu() {
     for d in [8, 24, 40, 100, 200] {
         for (h, hkv) in [(8, 2), (3, 3)] {
             for (window, softcap) in [(None, None), (Some(16), Some(2.0))] {
-                let case = Case {
-                    h,
-                    hkv,
-                    d,
-                    q_lens: q_lens.clone(),
-                    kv_lens: kv_lens.clone(),
-                    params: params(d, window, softcap),
-                };
+                let case = Case::new([h, hkv, d], (&q_lens, &kv_lens), params(d, window, softcap));
                 check(&mut rng, &case);
             }
         }
@@ -232,14 +215,7 @@ fn backward_at_model_shapes_matches_cpu() {
         (8, 4, 256, gemma(4096)),
         (8, 4, 256, gemma(128)),
     ] {
-        let case = Case {
-            h,
-            hkv,
-            d,
-            q_lens: q_lens.clone(),
-            kv_lens: kv_lens.clone(),
-            params: p,
-        };
+        let case = Case::new([h, hkv, d], (&q_lens, &kv_lens), p);
         check(&mut rng, &case);
     }
 }

@@ -21,19 +21,15 @@ use engine::ops::{self, Activation, DropoutKey, Rope, RopeScaling};
 use engine::{Device, Indices, Tensor};
 
 mod common;
-use common::{GPU, NonFinite, Rng, gpu, gpu_lock, rand_tensor};
+use common::{GPU, NonFinite, Rng, gpu, gpu_lock, llama3, rand_tensor};
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, abs: f64, rel: f64) {
     common::assert_close_tensors(what, got, want, abs, rel, NonFinite::SameIsEqual);
 }
 
-/// The largest |value| of a tensor: the scale that absolute tolerances are stated against
-/// (terms that cancel leave f32 errors of the terms' size, not the result's).
+/// [`common::max_abs`] of a tensor's values.
 fn max_abs(t: &Tensor) -> f64 {
-    t.to_vec()
-        .unwrap()
-        .iter()
-        .fold(0.0f64, |m, &v| m.max((v as f64).abs()))
+    common::max_abs(&host(t))
 }
 
 /// An f32 tensor on the GPU with exactly `t`'s values (LoRA's parameters and gradients).
@@ -172,15 +168,6 @@ fn gated_activation_backwards_match_cpu() {
             host(&got)
         );
         assert_close(&format!("{act:?} tails"), &got, &want, 1e-6, 1.05);
-    }
-}
-
-fn llama3() -> RopeScaling {
-    RopeScaling::Llama3 {
-        factor: 32.0,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: 8192,
     }
 }
 

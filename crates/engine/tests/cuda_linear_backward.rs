@@ -25,11 +25,7 @@ use engine::ops::{self, LogProbChunks, LowRank};
 use engine::{EngineError, Tensor};
 
 mod common;
-use common::{GPU, NonFinite, Rng, gpu, gpu_lock, rand_tensor};
-
-fn max_abs(v: &[f32]) -> f64 {
-    v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()))
-}
+use common::{GPU, NonFinite, Rng, gpu, gpu_lock, max_abs, rand_tensor};
 
 /// Elementwise `|got − want| ≤ frac · max|want| + rel·U·|want|`, after checking the device,
 /// dtype and shape of `got`.
@@ -173,6 +169,18 @@ impl Problem {
             b: &self.b,
         })
     }
+
+    /// The problem's shape and one setting, for messages.
+    fn describe(&self, with_u: bool, cap: Option<f32>, chunks: LogProbChunks) -> String {
+        let (t, c) = (self.hidden.shape()[0], self.hidden.shape()[1]);
+        let (v, r) = (self.head.shape()[0], self.u.shape()[1]);
+        format!("T{t} C{c} V{v} R{r} cap {cap:?} low rank {with_u} {chunks:?}")
+    }
+}
+
+/// `op` on the CPU problem (the reference) and on its GPU copy: (want, got).
+fn on_both<T>(p: &Problem, g: &Problem, op: impl Fn(&Problem) -> T) -> (T, T) {
+    (op(p), op(g))
 }
 
 /// (T, C, V, R).
@@ -222,27 +230,18 @@ fn worth_running(t: usize, v: usize, chunks: LogProbChunks) -> bool {
 
 /// The GPU forward against the CPU's on one problem, one setting.
 fn check_forward(p: &Problem, g: &Problem, with_u: bool, cap: Option<f32>, chunks: LogProbChunks) {
-    let (t, c) = (p.hidden.shape()[0], p.hidden.shape()[1]);
-    let (v, r) = (p.head.shape()[0], p.u.shape()[1]);
-    let what = format!("T{t} C{c} V{v} R{r} cap {cap:?} low rank {with_u} {chunks:?}");
-    let want = ops::token_logprobs_low_rank(
-        &p.hidden,
-        &p.head,
-        p.low_rank(with_u),
-        &p.targets,
-        cap,
-        chunks,
-    )
-    .unwrap();
-    let got = ops::token_logprobs_low_rank(
-        &g.hidden,
-        &g.head,
-        g.low_rank(with_u),
-        &g.targets,
-        cap,
-        chunks,
-    )
-    .unwrap();
+    let what = p.describe(with_u, cap, chunks);
+    let (want, got) = on_both(p, g, |x| {
+        ops::token_logprobs_low_rank(
+            &x.hidden,
+            &x.head,
+            x.low_rank(with_u),
+            &x.targets,
+            cap,
+            chunks,
+        )
+        .unwrap()
+    });
     let close = |name: &str, got: &[f32], want: &[f32]| {
         let what = format!("{what} {name}");
         common::assert_close_slices(&what, got, want, 1e-3, 0.0, NonFinite::Fails)
@@ -356,55 +355,50 @@ fn check_backward(
     cap: Option<f32>,
     chunks: LogProbChunks,
 ) {
-    let (t, c) = (p.hidden.shape()[0], p.hidden.shape()[1]);
-    let (v, r) = (p.head.shape()[0], p.u.shape()[1]);
-    let what = format!("T{t} C{c} V{v} R{r} cap {cap:?} low rank {with_u} {chunks:?}");
-    let want = ops::token_logprobs_backward(
-        d_logp,
-        &p.hidden,
-        &p.head,
-        p.low_rank(with_u),
-        &p.targets,
-        cap,
-        chunks,
-    )
-    .unwrap();
-    let got = ops::token_logprobs_backward(
-        d_logp,
-        &g.hidden,
-        &g.head,
-        g.low_rank(with_u),
-        &g.targets,
-        cap,
-        chunks,
-    )
-    .unwrap();
-    let masked: Vec<usize> = (0..t).filter(|&i| d_logp[i] == 0.0).collect();
-    let name = format!("{what} d_hidden");
-    assert_scaled(&name, &got.d_hidden, &want.d_hidden, DType::Bf16, 1e-2, 0.0);
-    assert_norm_close(&name, &got.d_hidden, &want.d_hidden, 6e-3);
+    let what = p.describe(with_u, cap, chunks);
+    let (want, got) = on_both(p, g, |x| {
+        ops::token_logprobs_backward(
+            d_logp,
+            &x.hidden,
+            &x.head,
+            x.low_rank(with_u),
+            &x.targets,
+            cap,
+            chunks,
+        )
+        .unwrap()
+    });
     // Rows without upstream gradient are exactly zero.
-    let dh = got.d_hidden.to_vec().unwrap();
-    for &i in &masked {
-        let row = &dh[i * c..(i + 1) * c];
-        assert!(row.iter().all(|&x| x == 0.0), "{name} row {i}");
-    }
+    let masked: Vec<usize> = (0..d_logp.len()).filter(|&i| d_logp[i] == 0.0).collect();
+    let name = format!("{what} d_hidden");
+    assert_gradient(&name, &got.d_hidden, &want.d_hidden, DType::Bf16);
+    assert_rows_zero(&name, &got.d_hidden, &masked);
     match (&got.d_low_rank, &want.d_low_rank) {
         (Some(got), Some(want)) => {
             let name = format!("{what} d_u");
-            assert_scaled(&name, &got.d_u, &want.d_u, DType::F32, 1e-2, 0.0);
-            assert_norm_close(&name, &got.d_u, &want.d_u, 6e-3);
-            let du = got.d_u.to_vec().unwrap();
-            for &i in &masked {
-                let row = &du[i * r..(i + 1) * r];
-                assert!(row.iter().all(|&x| x == 0.0), "{name} row {i}");
-            }
-            let name = format!("{what} d_b");
-            assert_scaled(&name, &got.d_b, &want.d_b, DType::F32, 1e-2, 0.0);
-            assert_norm_close(&name, &got.d_b, &want.d_b, 6e-3);
+            assert_gradient(&name, &got.d_u, &want.d_u, DType::F32);
+            assert_rows_zero(&name, &got.d_u, &masked);
+            assert_gradient(&format!("{what} d_b"), &got.d_b, &want.d_b, DType::F32);
         }
         (None, None) => assert!(!with_u, "{what}: low-rank gradients missing"),
         _ => panic!("{what}: low-rank gradients present iff the term is"),
+    }
+}
+
+/// A log-prob gradient against the CPU's (the bounds of the file header): `1e-2 · max|want|`
+/// elementwise and `6e-3` in norm.
+fn assert_gradient(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
+    assert_scaled(what, got, want, dtype, 1e-2, 0.0);
+    assert_norm_close(what, got, want, 6e-3);
+}
+
+/// The given rows of a [rows, width] tensor are exactly zero.
+fn assert_rows_zero(what: &str, t: &Tensor, rows: &[usize]) {
+    let width = t.shape()[1];
+    let v = t.to_vec().unwrap();
+    for &i in rows {
+        let row = &v[i * width..(i + 1) * width];
+        assert!(row.iter().all(|&x| x == 0.0), "{what} row {i}");
     }
 }
 

@@ -18,7 +18,7 @@ use engine::ops::{self, Activation, AttentionParams, LogProbChunks, Rope, RopeSc
 use engine::{Device, Tensor};
 
 mod common;
-use common::{GPU, NonFinite, Rng, bf16_round, gpu, gpu_lock, rand_tensor};
+use common::{GPU, NonFinite, Rng, bf16_round, gpu, gpu_lock, llama3, rand_tensor, seq_layout};
 
 /// [`common::assert_close_tensors`]; NaN against NaN and equal infinities pass.
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, abs: f64, rel: f64) {
@@ -252,15 +252,6 @@ fn rms_norm_and_fused_residual_match_cpu() {
     }
 }
 
-fn llama3() -> RopeScaling {
-    RopeScaling::Llama3 {
-        factor: 32.0,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: 8192,
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn rope_matches_cpu() {
@@ -356,15 +347,6 @@ fn linear_matches_cpu() {
     }
 }
 
-/// K/V tensors for a layout whose sequences have `kv_lens` keys.
-fn starts(lens: &[usize]) -> Vec<usize> {
-    let mut s = vec![0];
-    for l in lens {
-        s.push(s.last().unwrap() + l);
-    }
-    s
-}
-
 struct AttnCase {
     h: usize,
     hkv: usize,
@@ -376,14 +358,7 @@ struct AttnCase {
 }
 
 fn run_attention_case(rng: &mut Rng, c: &AttnCase, kernels: &[AttentionKernel]) {
-    let layout = SeqLayout {
-        q_starts: starts(&c.q_lens),
-        kv_starts: starts(&c.kv_lens),
-    };
-    let (tq, tkv) = (
-        *layout.q_starts.last().unwrap(),
-        *layout.kv_starts.last().unwrap(),
-    );
+    let (layout, tq, tkv) = seq_layout(&c.q_lens, &c.kv_lens);
     let q = rand_tensor(rng, &[tq, c.h, c.d], -2.0, 2.0);
     let k = rand_tensor(rng, &[tkv, c.hkv, c.d], -2.0, 2.0);
     let v = rand_tensor(rng, &[tkv, c.hkv, c.d], -1.0, 1.0);

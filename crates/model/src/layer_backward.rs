@@ -24,10 +24,7 @@ use engine::ops;
 
 use crate::decoder::{DecoderLayer, LayerCtx, attention_params};
 use crate::error::{ModelError, Result};
-use crate::lora::{
-    Dropout, LayerLora, LoraActs, LoraPair, LoraTarget, MaskSite, dropped, dropped_backward,
-    lora_delta,
-};
+use crate::lora::{Dropout, LayerLora, LoraPair, LoraTarget, MaskSite};
 use crate::profile::OpKind;
 use engine::ops::DropoutKey;
 
@@ -54,7 +51,10 @@ pub(crate) struct TapedLora {
     pub target: LoraTarget,
     /// The module's first column in its (stacked) projection's output.
     pub col0: usize,
-    pub acts: LoraActs,
+    /// The module's input (before dropout), [T, in].
+    pub x: Tensor,
+    /// drop(x)·Aᵀ, [T, R].
+    pub u: Tensor,
     /// The dropout mask's key (the mask is recomputed, never stored).
     pub key: Option<DropoutKey>,
 }
@@ -109,14 +109,16 @@ impl LoraCtx<'_> {
                 target,
             };
             let key = self.dropout.key(site);
-            let xd = dropped(x, key.as_ref())?;
-            let (delta, acts) = lora_delta(xd, pair, self.scaling)?;
-            ops::add_into_columns(y, col0, &delta)?;
+            // y[:, col0..] += s · drop(x)·Aᵀ·Bᵀ, written into the projection's columns.
+            let u = ops::lora_project(x, &pair.a, &pair.b, self.scaling, key.as_ref(), y, col0)?;
             if let Some(tape) = tape.as_deref_mut() {
                 tape.lora.push(TapedLora {
                     target,
                     col0,
-                    acts,
+                    // Shared storage (the projection's input), not a copy: the backward
+                    // recomputes the dropped input from it and the key.
+                    x: x.clone(),
+                    u,
                     key,
                 });
             }
@@ -125,8 +127,9 @@ impl LoraCtx<'_> {
     }
 }
 
-/// Backward of one LoRA'd module given the gradient of its (full) output `dy` [T, out]:
-/// accumulates the pair's gradients into `grad` and adds the input gradient into `dx`.
+/// Backward of one LoRA'd module given the gradient of its stacked projection's output `dy`
+/// [T, N] (the module's columns read in place): accumulates the pair's gradients into `grad`
+/// (scratch zeros when the caller keeps none) and adds the input gradient into `dx`.
 pub(crate) fn lora_backward(
     dy: &Tensor,
     pair: &LoraPair,
@@ -135,17 +138,32 @@ pub(crate) fn lora_backward(
     dx: &mut Tensor,
     grad: Option<&mut LoraPair>,
 ) -> Result<()> {
-    let ds = ops::scale(dy, scaling)?; // [T, out]
-    let du = ops::linear_backward_input(&ds, &pair.b)?; // [T, R]
-    if let Some(grad) = grad {
-        let db = ops::linear_backward_weight(&ds, &taped.acts.u)?; // [out, R]
-        ops::add_inplace(&mut grad.b, &db)?;
-        let da = ops::linear_backward_weight(&du, &taped.acts.xd)?; // [R, in]
-        ops::add_inplace(&mut grad.a, &da)?;
-    }
-    let dxd = ops::linear_backward_input(&du, &pair.a)?; // [T, in]
-    let dxd = dropped_backward(dxd, taped.key.as_ref())?;
-    ops::add_inplace(dx, &dxd)?;
+    let mut scratch;
+    let grad = match grad {
+        Some(grad) => grad,
+        None => {
+            let zeros = |t: &Tensor| Tensor::zeros(t.shape()).to_device_f32(t.device());
+            scratch = LoraPair {
+                a: zeros(&pair.a)?,
+                b: zeros(&pair.b)?,
+            };
+            &mut scratch
+        }
+    };
+    let LoraPair { a: ga, b: gb } = grad;
+    ops::lora_project_backward(
+        dy,
+        taped.col0,
+        &taped.x,
+        &pair.a,
+        &pair.b,
+        &taped.u,
+        scaling,
+        taped.key.as_ref(),
+        dx,
+        ga,
+        gb,
+    )?;
     Ok(())
 }
 
@@ -198,11 +216,9 @@ impl DecoderLayer {
                 ) else {
                     continue;
                 };
-                let width = pair.b.shape()[0];
-                let dy_m = prof.run(OpKind::Lora, dev, || ops::columns(dy, taped.col0, width))?;
                 let grad = grads.as_deref_mut().and_then(|g| g.get_mut(target));
                 prof.run(OpKind::Lora, dev, || {
-                    lora_backward(&dy_m, pair, taped, lora.scaling, dx, grad)
+                    lora_backward(dy, pair, taped, lora.scaling, dx, grad)
                 })?;
             }
             Ok(())

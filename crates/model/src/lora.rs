@@ -412,19 +412,3 @@ pub(crate) fn dropped_backward(dy: Tensor, key: Option<&DropoutKey>) -> Result<T
         None => dy,
     })
 }
-
-/// What one LoRA'd module's forward keeps for its backward.
-pub(crate) struct LoraActs {
-    /// The pair's input after dropout, [T, in].
-    pub xd: Tensor,
-    /// xd·Aᵀ, [T, R].
-    pub u: Tensor,
-}
-
-/// `s · (xd·Aᵀ)·Bᵀ` → ([T, out], what backward needs).
-pub(crate) fn lora_delta(xd: Tensor, pair: &LoraPair, scaling: f32) -> Result<(Tensor, LoraActs)> {
-    let u = ops::linear(&xd, &pair.a, None)?; // [T, R]
-    let delta = ops::linear(&u, &pair.b, None)?; // [T, out]
-    let delta = ops::scale(&delta, scaling)?;
-    Ok((delta, LoraActs { xd, u }))
-}

@@ -940,52 +940,36 @@ mod tests {
 
     #[test]
     fn delta_rows_match_a_naive_f64_product() {
-        let (r, out, inp, s) = (3, 5, 7, 1.75);
-        let (a, b) = (values(r * inp, 1), values(out * r, 2));
-        let lin = delta(
-            DeltaKind::Linear,
-            a.clone(),
-            [r, inp],
-            b.clone(),
-            [out, r],
-            s,
-        );
-        assert_eq!(lin.weight_shape(), [out, inp]);
-        let mut row = vec![0.0; inp];
-        for o in 0..out {
-            lin.row(o, &mut row);
-            for i in 0..inp {
-                let want: f64 = (0..r)
-                    .map(|k| b[o * r + k] as f64 * a[k * inp + i] as f64)
-                    .sum::<f64>()
-                    * s as f64;
-                assert!((row[i] as f64 - want).abs() <= 1e-6, "linear [{o}, {i}]");
-            }
-        }
+        let (r, s) = (3, 1.75);
+        // Linear: A [R, in], B [out, R], Δ [out, in] = s·B·A.
         // Embedding: A [R, V], B [C, R], Δ [V, C] = s·(B·A)ᵀ.
-        let (v, c) = (6, 4);
-        let (a, b) = (values(r * v, 3), values(c * r, 4));
-        let emb = delta(
-            DeltaKind::Embedding,
-            a.clone(),
-            [r, v],
-            b.clone(),
-            [c, r],
-            s,
-        );
-        assert_eq!(emb.weight_shape(), [v, c]);
-        let mut row = vec![0.0; c];
-        for vi in 0..v {
-            emb.row(vi, &mut row);
-            for ci in 0..c {
-                let want: f64 = (0..r)
-                    .map(|k| b[ci * r + k] as f64 * a[k * v + vi] as f64)
-                    .sum::<f64>()
-                    * s as f64;
-                assert!(
-                    (row[ci] as f64 - want).abs() <= 1e-6,
-                    "embedding [{vi}, {ci}]"
-                );
+        for (kind, [rows, cols], (seed_a, seed_b)) in [
+            (DeltaKind::Linear, [5, 7], (1, 2)),
+            (DeltaKind::Embedding, [6, 4], (3, 4)),
+        ] {
+            let (a_cols, b_rows) = match kind {
+                DeltaKind::Linear => (cols, rows),
+                DeltaKind::Embedding => (rows, cols),
+            };
+            let (a, b) = (values(r * a_cols, seed_a), values(b_rows * r, seed_b));
+            let d = delta(kind, a.clone(), [r, a_cols], b.clone(), [b_rows, r], s);
+            assert_eq!(d.weight_shape(), [rows, cols]);
+            let mut row = vec![0.0; cols];
+            for i in 0..rows {
+                d.row(i, &mut row);
+                for (j, &got) in row.iter().enumerate() {
+                    // Δ[i, j] = s·Σ_k B[bi, k]·A[k, aj]: (i, j) for a linear, (j, i) for the
+                    // embedding's transpose.
+                    let (bi, aj) = match kind {
+                        DeltaKind::Linear => (i, j),
+                        DeltaKind::Embedding => (j, i),
+                    };
+                    let want: f64 = (0..r)
+                        .map(|k| b[bi * r + k] as f64 * a[k * a_cols + aj] as f64)
+                        .sum::<f64>()
+                        * s as f64;
+                    assert!((got as f64 - want).abs() <= 1e-6, "{kind:?} [{i}, {j}]");
+                }
             }
         }
     }
@@ -1044,40 +1028,23 @@ mod tests {
             [1, 2],
             0.37,
         );
-        let mut d = vec![0.0; n];
-        let mut out = vec![0u8; 2 * n];
-        merge_row(
-            FloatDtype::Bf16,
-            DeltaKind::Linear,
-            &bytes,
-            &lin,
-            0,
-            &mut d,
-            &mut out,
-        );
-        for i in 0..n {
-            let delta = (b[0] * a[i] + b[1] * a[n + i]) * 0.37;
-            let got = FloatDtype::Bf16.read(&out[2 * i..2 * i + 2]);
-            assert_eq!(got, rne_bf16(base[i] + delta), "[{i}]");
-        }
-        // f32 weights: plain f32 arithmetic; f16: half's rounding of the f32 sum.
+        // bf16 weights: the f32 sum rounded to nearest even; f32 weights: plain f32
+        // arithmetic.
         let f32_bytes: Vec<u8> = base.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let mut out = vec![0u8; 4 * n];
-        merge_row(
-            FloatDtype::F32,
-            DeltaKind::Linear,
-            &f32_bytes,
-            &lin,
-            0,
-            &mut d,
-            &mut out,
-        );
-        for i in 0..n {
-            let delta = (b[0] * a[i] + b[1] * a[n + i]) * 0.37;
-            assert_eq!(
-                FloatDtype::F32.read(&out[4 * i..4 * i + 4]),
-                base[i] + delta
-            );
+        let bf16_rounded: fn(f32) -> f32 = rne_bf16;
+        let exact: fn(f32) -> f32 = |x| x;
+        for (dtype, bytes, round) in [
+            (FloatDtype::Bf16, &bytes, bf16_rounded),
+            (FloatDtype::F32, &f32_bytes, exact),
+        ] {
+            let size = bytes.len() / n;
+            let (mut d, mut out) = (vec![0.0; n], vec![0u8; bytes.len()]);
+            merge_row(dtype, DeltaKind::Linear, bytes, &lin, 0, &mut d, &mut out);
+            for i in 0..n {
+                let delta = (b[0] * a[i] + b[1] * a[n + i]) * 0.37;
+                let got = dtype.read(&out[size * i..size * (i + 1)]);
+                assert_eq!(got, round(base[i] + delta), "{dtype:?} [{i}]");
+            }
         }
     }
 
@@ -1230,28 +1197,14 @@ mod tests {
                 .collect()
         };
         // Head: A [R, C] = Bᵀ, B [V, R] = Aᵀ.
-        let head = delta(
-            DeltaKind::Linear,
-            t(&b, c, r),
-            [r, c],
-            t(&a, r, v),
-            [v, r],
-            2.0,
-        );
+        let head_with_b =
+            |head_b: Vec<f32>| delta(DeltaKind::Linear, t(&b, c, r), [r, c], head_b, [v, r], 2.0);
+        let head = head_with_b(t(&a, r, v));
         assert!(same_delta(&emb, &head));
         let mut other = t(&a, r, v);
         other[3] += 1.0;
-        let head = delta(DeltaKind::Linear, t(&b, c, r), [r, c], other, [v, r], 2.0);
-        assert!(!same_delta(&emb, &head));
+        assert!(!same_delta(&emb, &head_with_b(other)));
         // Same delta row by row.
-        let head = delta(
-            DeltaKind::Linear,
-            t(&b, c, r),
-            [r, c],
-            t(&a, r, v),
-            [v, r],
-            2.0,
-        );
         let (mut x, mut y) = (vec![0.0; c], vec![0.0; c]);
         for row in 0..v {
             emb.row(row, &mut x);

@@ -7,13 +7,17 @@
 //!   time** — `$PREFER_FIXTURES`, else the first `fixtures/` (the one holding its contract,
 //!   `README.md`) above the current directory or the test executable. `CARGO_MANIFEST_DIR`
 //!   is baked in at build time and wrong where a test binary runs elsewhere (the GPU machine).
-//! - [`TempDir`]: a fresh scratch folder, removed when dropped.
+//! - [`TempDir`]: a fresh scratch folder, removed when dropped; [`dir_entries`] and
+//!   [`read_json`] for what a command wrote.
 //! - [`run`] and the [`prefer!`] macro: run the built `prefer` binary, capture what it
 //!   printed, and assert the exit status with both streams in the message ([`Ran`]).
 //! - [`u64s`], [`u32s`], [`f64s`]: the numbers of a JSON array (fixture references and
 //!   output rows hold token ids and log-probs that way).
-//! - [`read_safetensors_f32`] and [`peft_lora_key`]: PEFT adapters (and gradients) as
-//!   named f32 tensors, and PEFT's key of each LoRA tensor.
+//! - [`read_safetensors_f32`] (and [`read_folder_safetensors_f32`] for a model folder) and
+//!   [`peft_lora_key`]: PEFT adapters (and gradients) as named f32 tensors, and PEFT's key
+//!   of each LoRA tensor.
+//! - [`packed_rows`] and [`max_abs_diff`]: a fixture's sequences packed into one batch with
+//!   its scored rows, and the distance of log-probs from the fixture's.
 //! - [`python_with_datasets`] and [`run_python`]: check outputs with 🤗 `datasets` itself,
 //!   offline, in a scratch cache.
 //!
@@ -88,17 +92,29 @@ impl TempDir {
 
     /// Names of the folder's entries, sorted (to prove no temp output was left behind).
     pub fn entries(&self) -> Vec<String> {
-        let read = std::fs::read_dir(&self.0)
-            .unwrap_or_else(|e| panic!("listing {}: {e}", self.0.display()));
-        let mut names: Vec<String> = read
-            .map(|e| {
-                let e = e.unwrap_or_else(|e| panic!("listing {}: {e}", self.0.display()));
-                e.file_name().to_string_lossy().into_owned()
-            })
-            .collect();
-        names.sort();
-        names
+        dir_entries(&self.0)
     }
+}
+
+/// Names of a folder's entries, sorted.
+#[track_caller]
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let read = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()));
+    let mut names: Vec<String> = read
+        .map(|e| {
+            let e = e.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()));
+            e.file_name().to_string_lossy().into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A JSON file, parsed.
+#[track_caller]
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 impl std::ops::Deref for TempDir {
@@ -263,6 +279,19 @@ pub fn read_safetensors_f32(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f3
         .collect()
 }
 
+/// Every tensor of a model folder's `*.safetensors` files (one file or the shards), by name,
+/// as [`read_safetensors_f32`] reads them.
+#[track_caller]
+pub fn read_folder_safetensors_f32(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut all = BTreeMap::new();
+    for name in dir_entries(dir) {
+        if name.ends_with(".safetensors") {
+            all.extend(read_safetensors_f32(&dir.join(name)));
+        }
+    }
+    all
+}
+
 /// IEEE half → f32, exact (subnormals, infinities and NaN included).
 fn f16_to_f32(h: u16) -> f32 {
     let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
@@ -294,6 +323,70 @@ pub fn peft_lora_key(layer: Option<usize>, module: &str, a: bool) -> String {
             format!("base_model.model.model.layers.{i}.{block}.{m}.lora_{ab}.weight")
         }
         (None, m) => panic!("{m} needs a layer"),
+    }
+}
+
+/// The largest |a[i] − b[i]| of two slices of one length (log-probs against a reference).
+#[track_caller]
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths");
+    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// A fixture's token sequences packed end to end, with its scored rows: what a model's
+/// training batch takes (`model::TrainBatch` has these four fields).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PackedRows {
+    /// Every sequence's ids, one after another.
+    pub ids: Vec<u32>,
+    /// Each sequence's length.
+    pub lens: Vec<usize>,
+    /// For each scored row, its position in `ids`.
+    pub rows: Vec<usize>,
+    /// The token scored at each row.
+    pub targets: Vec<u32>,
+}
+
+/// Packs a fixture's `sequences` (arrays of token ids) end to end, with a scored row for
+/// each target of each `rows` entry `{"seq", "pos", "targets": [...]}`, in order (an entry
+/// may hold one `"target"` instead, as the lora_grads cases do).
+#[track_caller]
+pub fn packed_rows(fixture: &Value) -> PackedRows {
+    let seqs: Vec<Vec<u32>> = fixture["sequences"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sequences array in the fixture"))
+        .iter()
+        .map(u32s)
+        .collect();
+    let mut starts = vec![0];
+    for s in &seqs {
+        starts.push(starts.last().unwrap() + s.len());
+    }
+    let index = |r: &Value, key: &str| -> usize {
+        r[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("row {r}: {key} is not an index")) as usize
+    };
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for r in fixture["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no rows array in the fixture"))
+    {
+        let row = starts[index(r, "seq")] + index(r, "pos");
+        let row_targets = match r.get("targets") {
+            Some(t) => u32s(t),
+            None => vec![index(r, "target") as u32],
+        };
+        for t in row_targets {
+            rows.push(row);
+            targets.push(t);
+        }
+    }
+    PackedRows {
+        ids: seqs.concat(),
+        lens: seqs.iter().map(Vec::len).collect(),
+        rows,
+        targets,
     }
 }
 
@@ -362,6 +455,21 @@ mod tests {
         let path = a.path().to_path_buf();
         drop(a);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn fixture_rows_are_packed_in_order() {
+        let v: Value = serde_json::from_str(
+            r#"{"sequences": [[5, 6, 7], [8, 9]],
+                "rows": [{"seq": 1, "pos": 0, "targets": [9, 3]}, {"seq": 0, "pos": 2, "target": 4}]}"#,
+        )
+        .unwrap();
+        let p = packed_rows(&v);
+        assert_eq!(p.ids, vec![5, 6, 7, 8, 9]);
+        assert_eq!(p.lens, vec![3, 2]);
+        assert_eq!(p.rows, vec![3, 3, 2]);
+        assert_eq!(p.targets, vec![9, 3, 4]);
+        assert_eq!(max_abs_diff(&[1.0, -2.0], &[1.5, -4.0]), 2.0);
     }
 
     #[test]

@@ -85,6 +85,15 @@ fn copy_peft_adapter(tag: &str) -> testkit::TempDir {
     dir
 }
 
+/// [`copy_peft_adapter`] with `from` replaced by `to` in its adapter_config.json.
+fn copy_peft_adapter_editing_config(tag: &str, from: &str, to: &str) -> testkit::TempDir {
+    let dir = copy_peft_adapter(tag);
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+    assert!(text.contains(from), "{from:?} not in {CONFIG_FILE}");
+    std::fs::write(dir.join(CONFIG_FILE), text.replace(from, to)).unwrap();
+    dir
+}
+
 #[test]
 fn reads_the_adapter_peft_wrote_value_for_value() {
     let cfg = llama_tiny();
@@ -349,13 +358,7 @@ fn bad_adapters_are_errors_naming_file_and_tensor() {
     );
 
     // r in the config disagrees with the tensors.
-    let dir = copy_peft_adapter("peft-rank");
-    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
-    std::fs::write(
-        dir.join(CONFIG_FILE),
-        text.replace("\"r\": 4,", "\"r\": 8,"),
-    )
-    .unwrap();
+    let dir = copy_peft_adapter_editing_config("peft-rank", "\"r\": 4,", "\"r\": 8,");
     let err = load_error(&dir, &cfg, WEIGHTS_FILE);
     assert!(
         err.contains("rank 4") && err.contains("r = 8") && err.contains("lora_"),
@@ -363,13 +366,8 @@ fn bad_adapters_are_errors_naming_file_and_tensor() {
     );
 
     // A module the config does not target: its tensors would be silently dropped.
-    let dir = copy_peft_adapter("peft-untargeted");
-    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
-    std::fs::write(
-        dir.join(CONFIG_FILE),
-        text.replace("    \"q_proj\"\n", "    \"k_proj\"\n"),
-    )
-    .unwrap();
+    let dir =
+        copy_peft_adapter_editing_config("peft-untargeted", "    \"q_proj\"\n", "    \"k_proj\"\n");
     let err = load_error(&dir, &cfg, WEIGHTS_FILE);
     assert!(
         err.contains("q_proj") && err.contains("not in target_modules"),
@@ -397,13 +395,8 @@ fn bad_adapters_are_errors_naming_file_and_tensor() {
     let err = load_error(&dir, &cfg, WEIGHTS_FILE);
     assert!(err.contains(q_b) && err.contains("I32"), "{err}");
 
-    let dir = copy_peft_adapter("peft-dora");
-    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
-    std::fs::write(
-        dir.join(CONFIG_FILE),
-        text.replace("\"use_dora\": false", "\"use_dora\": true"),
-    )
-    .unwrap();
+    let dir =
+        copy_peft_adapter_editing_config("peft-dora", "\"use_dora\": false", "\"use_dora\": true");
     let err = load_error(&dir, &cfg, CONFIG_FILE);
     assert!(err.contains("use_dora"), "{err}");
 

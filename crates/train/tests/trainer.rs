@@ -220,17 +220,14 @@ fn a_checkpoint_of_another_run_is_refused() {
     let second = TempDir::new("trainer-second");
     let mut other = resume_config(second.path());
     other.max_steps = Some(2);
+    let resume_error = |config: &TrainConfig| {
+        let from = Resume::From(first.path().join("checkpoint-2"));
+        train(&model, config, &data, None, from, &mut |_| {})
+            .unwrap_err()
+            .to_string()
+    };
     other.seed = 12;
-    let err = train(
-        &model,
-        &other,
-        &data,
-        None,
-        Resume::From(first.path().join("checkpoint-2")),
-        &mut |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let err = resume_error(&other);
     assert!(
         err.contains("checkpoint-2") && err.contains("seed"),
         "{err}"
@@ -238,16 +235,7 @@ fn a_checkpoint_of_another_run_is_refused() {
 
     other.seed = 11;
     other.lora_r = 8;
-    let err = train(
-        &model,
-        &other,
-        &data,
-        None,
-        Resume::From(first.path().join("checkpoint-2")),
-        &mut |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let err = resume_error(&other);
     assert!(err.contains("checkpoint-2"), "{err}");
 }
 

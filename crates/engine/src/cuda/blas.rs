@@ -1,7 +1,8 @@
 //! GEMMs through cuBLASLt: bf16 operands, f32 accumulation, bf16 or f32 output, the bias
 //! epilogue (qwen2's q/k/v biases) so a biased projection is still one kernel, either operand
 //! read transposed (the backward's `dy · W` and `dyᵀ · x`), and accumulation into the output
-//! (beta = 1: a gradient summed over vocabulary or token chunks).
+//! (beta = 1: a gradient summed over vocabulary or token chunks), scaled by `alpha` (LoRA's
+//! scaling folded into the GEMM instead of a separate scale kernel).
 //!
 //! Everything is phrased row-major, as the rest of the engine is:
 //! `out[r, c] (+)= Σ_k X[r, k] · Y[k, c] (+ bias[c])`, where X [rows, k] is read from `x`
@@ -13,9 +14,17 @@
 //! operand flips its transpose flag.
 //!
 //! Descriptors, layouts and the heuristic's algorithm are built once per shape (and pointer
-//! alignment class) and cached: a decoder runs the same handful of shapes every layer.
+//! alignment class) and cached: a decoder runs the same handful of shapes every layer. alpha
+//! and beta are launch arguments, not part of a plan.
+//!
+//! Strided views are GEMM operands like any other: a column range `[:, c0..c0 + n]` of a
+//! row-major `[T, N]` matrix is the pointer `base + c0` elements with leading dimension N. Such
+//! a pointer may be aligned to as little as one element (2 bytes for bf16); the plan key
+//! carries the alignment class, so the heuristic only picks kernels the pointer satisfies. If
+//! it finds none, [`Blas::gemm`] fails with an error that [`no_algorithm`] recognises (and the
+//! shape is remembered, so a caller that falls back pays for the heuristic once).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::mem::size_of;
 
@@ -54,8 +63,8 @@ impl KAxis {
     }
 }
 
-/// One row-major GEMM `out[rows, cols] (+)= X[rows, k] · Y[k, cols] (+ bias[cols])`, X read
-/// from `x` and Y from `w`, each stored as its [`KAxis`] says. Leading dimensions are in
+/// One row-major GEMM `out[rows, cols] (+)= alpha · X[rows, k] · Y[k, cols] (+ bias[cols])`, X
+/// read from `x` and Y from `w`, each stored as its [`KAxis`] says. Leading dimensions are in
 /// elements: the row stride of each matrix as stored.
 #[derive(Clone, Copy, Debug)]
 pub struct Gemm {
@@ -77,6 +86,9 @@ pub struct Gemm {
     pub accumulate: bool,
     /// bf16 for a bf16 output, f32 for an f32 output (cuBLASLt's default bias type).
     pub bias: Option<u64>,
+    /// Multiplies the product (not the bias, not what `out` held): cuBLASLt's alpha. 1 unless
+    /// set with [`Gemm::scaled`]; a launch argument, so it shares the plan of its shape.
+    pub alpha: f32,
 }
 
 impl Gemm {
@@ -104,6 +116,7 @@ impl Gemm {
             out_type,
             accumulate: false,
             bias: None,
+            alpha: 1.0,
         }
     }
 
@@ -141,6 +154,11 @@ impl Gemm {
     /// The same GEMM adding into `out` (beta = 1) when `accumulate`.
     pub(crate) fn accumulating(self, accumulate: bool) -> Gemm {
         Gemm { accumulate, ..self }
+    }
+
+    /// The same GEMM with its product multiplied by `alpha`.
+    pub(crate) fn scaled(self, alpha: f32) -> Gemm {
+        Gemm { alpha, ..self }
     }
 
     /// The plan this GEMM runs with.
@@ -291,6 +309,8 @@ pub struct Blas {
     workspace: u64,
     workspace_bytes: usize,
     plans: HashMap<PlanKey, Plan>,
+    /// Shapes the heuristic found no algorithm for: refused again without asking it.
+    unsupported: HashSet<PlanKey>,
 }
 
 // SAFETY: the handle and plans are plain cuBLASLt objects; the backend serialises all use
@@ -303,6 +323,36 @@ impl Drop for Blas {
         // SAFETY: the handle was created in `new` and is destroyed once.
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
+}
+
+/// The call named by the error of a GEMM the heuristic found no algorithm for.
+const HEURISTIC: &str = "cublasLtMatmulAlgoGetHeuristic";
+/// How that error's message starts (cudarc reports "no algorithm" as NOT_SUPPORTED).
+const NOT_SUPPORTED: &str = "CUBLAS_STATUS_NOT_SUPPORTED";
+
+/// The error of a GEMM that cuBLASLt has no algorithm for: a layout or pointer alignment its
+/// kernels do not handle (a caller may fall back to dense, aligned copies).
+fn no_algorithm_err(key: &PlanKey) -> CudaError {
+    CudaError::Blas {
+        call: HEURISTIC,
+        msg: format!(
+            "{NOT_SUPPORTED}: no algorithm for {} with leading dimensions x {}, w {}, out {} \
+             and pointers aligned to x {}, w {}, out {} bytes",
+            key.describe(),
+            key.ld_x,
+            key.ld_w,
+            key.ld_out,
+            key.align[0],
+            key.align[1],
+            key.align[2]
+        ),
+    }
+}
+
+/// Whether `e` says that cuBLASLt has no algorithm for a GEMM's shape, layouts and pointer
+/// alignment (as opposed to a failure that a fallback would meet too).
+pub(crate) fn no_algorithm(e: &CudaError) -> bool {
+    matches!(e, CudaError::Blas { call, msg } if *call == HEURISTIC && msg.starts_with(NOT_SUPPORTED))
 }
 
 fn blas_err(call: &'static str) -> impl Fn(lt::CublasError) -> CudaError {
@@ -330,12 +380,24 @@ impl Blas {
             workspace,
             workspace_bytes,
             plans: HashMap::new(),
+            unsupported: HashSet::new(),
         })
     }
 
     fn plan(&mut self, key: PlanKey) -> CudaResult<&Plan> {
+        if self.unsupported.contains(&key) {
+            return Err(no_algorithm_err(&key));
+        }
         if !self.plans.contains_key(&key) {
-            let plan = self.build(&key)?;
+            let plan = match self.build(&key) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    if no_algorithm(&e) {
+                        self.unsupported.insert(key);
+                    }
+                    return Err(e);
+                }
+            };
             self.plans.insert(key, plan);
         }
         Ok(&self.plans[&key])
@@ -421,9 +483,13 @@ impl Blas {
         let heuristic = unsafe {
             lt::get_matmul_algo_heuristic(self.handle, desc.0, a.0, b.0, d.0, d.0, pref.0)
         }
-        .map_err(|e| CudaError::Blas {
-            call: "cublasLtMatmulAlgoGetHeuristic",
-            msg: format!("{:?} for {}", e.0, key.describe()),
+        .map_err(|e| match e.0 {
+            // cudarc's answer when the heuristic returns no algorithm at all.
+            sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => no_algorithm_err(key),
+            status => CudaError::Blas {
+                call: HEURISTIC,
+                msg: format!("{status:?} for {}", key.describe()),
+            },
         })?;
         Ok(Plan {
             desc,
@@ -457,7 +523,7 @@ impl Blas {
             }
             .map_err(blas_err("cublasLtMatmulDescSetAttribute"))?;
         }
-        let alpha = 1.0f32;
+        let alpha = g.alpha;
         let beta = if g.accumulate { 1.0f32 } else { 0.0 };
         // SAFETY: the caller guarantees the pointers; the plan's layouts match the shape.
         unsafe {
@@ -575,6 +641,7 @@ mod tests {
                     out_type: OutType::F32,
                     accumulate,
                     bias: None,
+                    alpha: 1.0,
                 }
                 .key();
                 let before = fill(rows * ld_out, 3.0);
@@ -629,6 +696,52 @@ mod tests {
             (nt.x_k, nt.w_k, nt.accumulate),
             (KAxis::Last, KAxis::Last, false)
         );
+    }
+
+    #[test]
+    fn alpha_defaults_to_one_and_shares_the_plan_of_its_shape() {
+        let base = Gemm::tn([3, 5, 7], 0, 0, 0, OutType::F32).accumulating(true);
+        for g in [
+            Gemm::nt([3, 5, 7], 0, 0, 0, OutType::Bf16),
+            Gemm::nn([3, 5, 7], 0, 0, 0, OutType::F32),
+            base,
+        ] {
+            assert_eq!(g.alpha, 1.0);
+        }
+        let scaled = base.scaled(0.25);
+        assert_eq!(scaled.alpha, 0.25);
+        // Everything else is kept, and the plan (the key) is the unscaled GEMM's.
+        assert_eq!(scaled.key(), base.key());
+        assert_eq!(scaled.scaled(1.0).key(), base.key());
+    }
+
+    #[test]
+    fn a_missing_algorithm_is_told_apart_from_other_failures() {
+        // A column range at element 3 of a bf16 row: out is only 2-byte aligned.
+        let g = Gemm {
+            ld_out: 11,
+            ..Gemm::nt([4, 5, 3], 0x1000, 0x2000, 0x3000 + 3 * 2, OutType::Bf16)
+        };
+        let key = g.key();
+        assert_eq!(key.align[2], 2);
+        let e = no_algorithm_err(&key);
+        assert!(no_algorithm(&e));
+        let text = e.to_string();
+        assert!(text.contains("out[4, 5] = x[4, 3] · w[5, 3]ᵀ"), "{text}");
+        assert!(
+            text.contains("out 11 and") && text.contains("out 2 bytes"),
+            "{text}"
+        );
+        let other = CudaError::Blas {
+            call: HEURISTIC,
+            msg: "CUBLAS_STATUS_INVALID_VALUE for out[4, 5]".into(),
+        };
+        assert!(!no_algorithm(&other));
+        let launch = CudaError::Blas {
+            call: "cublasLtMatmul",
+            msg: format!("{NOT_SUPPORTED} for out[4, 5]"),
+        };
+        assert!(!no_algorithm(&launch));
     }
 
     #[test]

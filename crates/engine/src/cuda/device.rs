@@ -374,6 +374,22 @@ impl CudaBackend {
         })
     }
 
+    /// [`CudaBackend::launch`] on a 1-D grid of `blocks` blocks of `threads` threads, with no
+    /// dynamic shared memory: how every grid-stride kernel is queued.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch`].
+    pub(crate) unsafe fn launch_1d(
+        &self,
+        kernel: &Kernel,
+        blocks: u32,
+        threads: u32,
+        params: &mut [*mut c_void],
+    ) -> CudaResult<()> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { self.launch(kernel, (blocks, 1, 1), (threads, 1, 1), 0, params) }
+    }
+
     /// Queues a cuBLASLt GEMM on the stream.
     ///
     /// # Safety

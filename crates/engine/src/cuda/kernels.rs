@@ -29,11 +29,12 @@ pub enum Module {
     TopK,
     Lora,
     AttentionBackward,
+    LoraFused,
 }
 
 impl Module {
     /// Every module, in the order `prefer kernels` reports them.
-    pub const ALL: [Module; 11] = [
+    pub const ALL: [Module; 12] = [
         Module::Elementwise,
         Module::Activation,
         Module::Embedding,
@@ -45,6 +46,7 @@ impl Module {
         Module::TopK,
         Module::Lora,
         Module::AttentionBackward,
+        Module::LoraFused,
     ];
 
     /// The file stem under kernels/.
@@ -61,6 +63,7 @@ impl Module {
             Module::TopK => "top_k",
             Module::Lora => "lora",
             Module::AttentionBackward => "attention_backward",
+            Module::LoraFused => "lora_fused",
         }
     }
 
@@ -77,6 +80,7 @@ impl Module {
             Module::TopK => include_str!("../../kernels/top_k.cu"),
             Module::Lora => include_str!("../../kernels/lora.cu"),
             Module::AttentionBackward => include_str!("../../kernels/attention_backward.cu"),
+            Module::LoraFused => include_str!("../../kernels/lora_fused.cu"),
         }
     }
 
@@ -105,6 +109,7 @@ impl Module {
             Module::TopK => super::ops::top_k::KERNELS,
             Module::Lora => super::ops::lora_ops::KERNELS,
             Module::AttentionBackward => super::ops::attention_backward::KERNELS,
+            Module::LoraFused => super::ops::lora_fused::KERNELS,
         }
     }
 }

@@ -38,22 +38,28 @@ pub fn gated_activation(gate: &Tensor, up: &Tensor, act: Activation) -> Result<T
     Tensor::from_vec(out, &[t, i])
 }
 
+/// [T, I] of a packed gu: [T, 2I], or a shape error when gu is not a matrix with an even
+/// number of columns.
+fn packed_dims(op: &'static str, gu: &Tensor) -> Result<[usize; 2]> {
+    let [t, two_i] = gu.dims(op, "gu: [T, 2I]")?;
+    if two_i % 2 != 0 {
+        return Err(EngineError::Shape {
+            op,
+            expected: "gu: [T, 2I] (an even number of columns)".into(),
+            got: gu.shape().to_vec(),
+        });
+    }
+    Ok([t, two_i / 2])
+}
+
 /// act(gu[:, ..I]) · gu[:, I..]; gu: [T, 2I] (gate columns first, as one fused gate+up
 /// projection writes them) → [T, I].
 pub fn gated_activation_packed(gu: &Tensor, act: Activation) -> Result<Tensor> {
     if let Some(gpu) = cuda_ops::device_of("gated_activation_packed", &[("gu", gu)])? {
         return cuda_ops::activation::gated_activation_packed(&gpu, gu, act);
     }
-    const OP: &str = "gated_activation_packed";
-    let [t, two_i] = gu.dims(OP, "gu: [T, 2I]")?;
-    if two_i % 2 != 0 {
-        return Err(EngineError::Shape {
-            op: OP,
-            expected: "gu: [T, 2I] (an even number of columns)".into(),
-            got: gu.shape().to_vec(),
-        });
-    }
-    let i = two_i / 2;
+    let [t, i] = packed_dims("gated_activation_packed", gu)?;
+    let two_i = 2 * i;
     let gu = gu.as_slice()?;
     let mut out = vec![0.0f32; t * i]; // [T, I]
     if i > 0 {
@@ -114,15 +120,8 @@ pub fn gated_activation_packed_backward(
     dy: &Tensor, // [T, I]
 ) -> Result<Tensor> {
     const OP: &str = "gated_activation_packed_backward";
-    let [t, two_i] = gu.dims(OP, "gu: [T, 2I]")?;
-    if two_i % 2 != 0 {
-        return Err(EngineError::Shape {
-            op: OP,
-            expected: "gu: [T, 2I] (an even number of columns)".into(),
-            got: gu.shape().to_vec(),
-        });
-    }
-    let i = two_i / 2;
+    let [t, i] = packed_dims(OP, gu)?;
+    let two_i = 2 * i;
     dy.expect_shape(OP, &[t, i])?;
     if let Some(gpu) = cuda_ops::device_of(OP, &[("gu", gu), ("dy", dy)])? {
         return cuda_ops::activation::gated_activation_packed_backward(&gpu, gu, act, dy);
@@ -326,21 +325,24 @@ mod tests {
         }
     }
 
+    /// A packed gu: [T, 2I] as its separate gate and up halves, each [T, I].
+    fn split_gate_up(gu: &[f32], t: usize, i: usize) -> (Tensor, Tensor) {
+        let half = |lo: usize| {
+            let v: Vec<f32> = gu
+                .chunks(2 * i)
+                .flat_map(|row| row[lo..lo + i].to_vec())
+                .collect();
+            Tensor::from_vec(v, &[t, i]).unwrap()
+        };
+        (half(0), half(i))
+    }
+
     #[test]
     fn packed_matches_separate_gate_and_up() {
         let mut rng = Rng::new(15);
         let (t, i) = (5, 13);
         let gu = rng.vec(t * 2 * i, -6.0, 6.0);
-        let (gate, up): (Vec<f32>, Vec<f32>) = {
-            let (mut g, mut u) = (vec![], vec![]);
-            for row in gu.chunks(2 * i) {
-                g.extend_from_slice(&row[..i]);
-                u.extend_from_slice(&row[i..]);
-            }
-            (g, u)
-        };
-        let gt = Tensor::from_vec(gate, &[t, i]).unwrap();
-        let ut = Tensor::from_vec(up, &[t, i]).unwrap();
+        let (gt, ut) = split_gate_up(&gu, t, i);
         let gut = Tensor::from_vec(gu, &[t, 2 * i]).unwrap();
         for act in ALL {
             let want = gated_activation(&gt, &ut, act).unwrap();
@@ -435,13 +437,7 @@ mod tests {
         let (t, i) = (37, 301);
         let gu = rng.vec(t * 2 * i, -6.0, 6.0);
         let dy = rng.vec(t * i, -1.0, 1.0);
-        let split = |lo: usize| -> Vec<f32> {
-            gu.chunks(2 * i)
-                .flat_map(|row| row[lo..lo + i].to_vec())
-                .collect()
-        };
-        let gate = Tensor::from_vec(split(0), &[t, i]).unwrap();
-        let up = Tensor::from_vec(split(i), &[t, i]).unwrap();
+        let (gate, up) = split_gate_up(&gu, t, i);
         let gut = Tensor::from_vec(gu.clone(), &[t, 2 * i]).unwrap();
         let dyt = Tensor::from_vec(dy, &[t, i]).unwrap();
         for act in ALL {

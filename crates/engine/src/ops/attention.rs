@@ -271,24 +271,11 @@ fn attend_block(
 
     // scores[rows × span] = scale · Q_blk · K_spanᵀ (the masked corners are computed and then
     // ignored: at most a Q_BLOCK² triangle per edge).
-    gemm_strided(
-        Strided {
-            data: scores,
-            row: span,
-            col: 1,
-        },
-        StridedRef {
-            data: q_blk,
-            row: h * d,
-            col: 1,
-        },
-        StridedRef {
-            data: &k[kv_off..],
-            row: 1,
-            col: hkv * d,
-        },
+    head_dots(
+        scores,
+        (q_blk, h * d),
+        (&k[kv_off..], hkv * d),
         [rows, span, d],
-        false,
         params.scale,
         par,
     );
@@ -314,22 +301,10 @@ fn attend_block(
         task.lse[r] = m + (sum as f32).ln();
     }
     // out[rows × D] = P · V_span, then normalised row by row.
-    gemm_strided(
-        Strided {
-            data: task.out,
-            row: d,
-            col: 1,
-        },
-        StridedRef {
-            data: scores,
-            row: span,
-            col: 1,
-        },
-        StridedRef {
-            data: &v[kv_off..],
-            row: hkv * d,
-            col: 1,
-        },
+    weighted_rows(
+        task.out,
+        scores,
+        (&v[kv_off..], hkv * d),
         [rows, d, span],
         false,
         1.0,
@@ -664,29 +639,10 @@ fn query_block_grads(task: QueryBlock<'_>, scratch: &mut Scratch, ins: &Backward
     let stats = task.head * ins.tq + task.q_row0;
     let (lse, delta) = (&ins.lse[stats..], &ins.delta[stats..]);
     let par = Parallelism::None;
+    // dst[rows × span] = scale · lhs_blk[rows × D] · rhs_spanᵀ[D × span]
     let block_x_keys = |dst: &mut [f32], lhs: &[f32], rhs: &[f32], scale: f32| {
-        // dst[rows × span] = scale · lhs_blk[rows × D] · rhs_spanᵀ[D × span]
-        gemm_strided(
-            Strided {
-                data: dst,
-                row: span,
-                col: 1,
-            },
-            StridedRef {
-                data: &lhs[q_off..],
-                row: h * d,
-                col: 1,
-            },
-            StridedRef {
-                data: &rhs[kv_off..],
-                row: 1,
-                col: hkv * d,
-            },
-            [rows, span, d],
-            false,
-            scale,
-            par,
-        )
+        let (lhs, rhs) = ((&lhs[q_off..], h * d), (&rhs[kv_off..], hkv * d));
+        head_dots(dst, lhs, rhs, [rows, span, d], scale, par)
     };
     block_x_keys(scores, ins.q, ins.k, params.scale);
     block_x_keys(grads, ins.d_out, ins.v, 1.0);
@@ -704,22 +660,10 @@ fn query_block_grads(task: QueryBlock<'_>, scratch: &mut Scratch, ins: &Backward
         }
     }
     // dQ[rows × D] = scale · dX[rows × span] · K_span[span × D]
-    gemm_strided(
-        Strided {
-            data: task.dq,
-            row: d,
-            col: 1,
-        },
-        StridedRef {
-            data: grads,
-            row: span,
-            col: 1,
-        },
-        StridedRef {
-            data: &ins.k[kv_off..],
-            row: hkv * d,
-            col: 1,
-        },
+    weighted_rows(
+        task.dq,
+        grads,
+        (&ins.k[kv_off..], hkv * d),
         [rows, d, span],
         false,
         params.scale,
@@ -773,29 +717,10 @@ fn key_block_grads(task: KeyBlock<'_>, scratch: &mut Scratch, ins: &BackwardInpu
             &ins.lse[stats..stats + span],
             &ins.delta[stats..stats + span],
         );
+        // dst[cols × span] = scale · lhs_blk[cols × D] · rhs_spanᵀ[D × span]
         let keys_x_block = |dst: &mut [f32], lhs: &[f32], rhs: &[f32], scale: f32| {
-            // dst[cols × span] = scale · lhs_blk[cols × D] · rhs_spanᵀ[D × span]
-            gemm_strided(
-                Strided {
-                    data: dst,
-                    row: span,
-                    col: 1,
-                },
-                StridedRef {
-                    data: &lhs[k_off..],
-                    row: hkv * d,
-                    col: 1,
-                },
-                StridedRef {
-                    data: &rhs[q_off..],
-                    row: 1,
-                    col: h * d,
-                },
-                [cols, span, d],
-                false,
-                scale,
-                par,
-            )
+            let (lhs, rhs) = ((&lhs[k_off..], hkv * d), (&rhs[q_off..], h * d));
+            head_dots(dst, lhs, rhs, [cols, span, d], scale, par)
         };
         keys_x_block(probs, ins.k, ins.q, params.scale);
         keys_x_block(grads, ins.v, ins.d_out, 1.0);
@@ -820,35 +745,60 @@ fn key_block_grads(task: KeyBlock<'_>, scratch: &mut Scratch, ins: &BackwardInpu
                     pair_grad(p_row[r], g_row[r], lse[r], delta[r], params.softcap);
             }
         }
+        // dst[cols × D] += scale · lhs[cols × span] · rhs_span[span × D]
         let accumulate_block = |dst: &mut [f32], lhs: &[f32], rhs: &[f32], scale: f32| {
-            // dst[cols × D] += scale · lhs[cols × span] · rhs_span[span × D]
-            gemm_strided(
-                Strided {
-                    data: dst,
-                    row: d,
-                    col: 1,
-                },
-                StridedRef {
-                    data: lhs,
-                    row: span,
-                    col: 1,
-                },
-                StridedRef {
-                    data: &rhs[q_off..],
-                    row: h * d,
-                    col: 1,
-                },
-                [cols, d, span],
-                true,
-                scale,
-                par,
-            )
+            let rhs = (&rhs[q_off..], h * d);
+            weighted_rows(dst, lhs, rhs, [cols, d, span], true, scale, par)
         };
         accumulate_block(task.dv, probs, ins.d_out, 1.0);
         accumulate_block(task.dk, grads, ins.q, params.scale);
     }
 }
 
+/// dst[m × n] = scale · a[m × D] · b[n × D]ᵀ: the dot products of m rows of one head with
+/// n rows of another, each head's rows `stride` elements apart in its packed [T, heads, D]
+/// tensor; dst dense. Attention's scores (and, in the backward, their gradients).
+fn head_dots(
+    dst: &mut [f32],
+    (a, a_stride): (&[f32], usize),
+    (b, b_stride): (&[f32], usize),
+    [m, n, d]: [usize; 3],
+    scale: f32,
+    par: Parallelism,
+) {
+    gemm_strided(
+        Strided::rows(dst, n),
+        StridedRef::rows(a, a_stride),
+        StridedRef::transposed(b, b_stride),
+        [m, n, d],
+        false,
+        scale,
+        par,
+    );
+}
+
+/// dst[m × D] = (dst if `accumulate`) + scale · w[m × n] · rows[n × D]: weighted sums of n
+/// rows of one head (`stride` elements apart in its packed [T, heads, D] tensor); w and dst
+/// dense. Attention's output (and, in the backward, dQ, dK and dV).
+fn weighted_rows(
+    dst: &mut [f32],
+    w: &[f32],
+    (rows, stride): (&[f32], usize),
+    [m, d, n]: [usize; 3],
+    accumulate: bool,
+    scale: f32,
+    par: Parallelism,
+) {
+    gemm_strided(
+        Strided::rows(dst, d),
+        StridedRef::rows(w, n),
+        StridedRef::rows(rows, stride),
+        [m, d, n],
+        accumulate,
+        scale,
+        par,
+    );
+}
 #[cfg(test)]
 mod tests {
     use super::*;

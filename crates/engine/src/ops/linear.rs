@@ -118,21 +118,9 @@ pub fn bias_backward(dy: &Tensor) -> Result<Tensor> {
 /// dst[m×n] = a[m×k] · b[k×n], all row-major and contiguous.
 fn matmul_nn(dst: &mut [f32], a: &[f32], b: &[f32], [m, n, k]: [usize; 3]) {
     gemm_strided(
-        Strided {
-            data: dst,
-            row: n,
-            col: 1,
-        },
-        StridedRef {
-            data: a,
-            row: k,
-            col: 1,
-        },
-        StridedRef {
-            data: b,
-            row: n,
-            col: 1,
-        },
+        Strided::rows(dst, n),
+        StridedRef::rows(a, k),
+        StridedRef::rows(b, n),
         [m, n, k],
         false,
         1.0,
@@ -143,23 +131,11 @@ fn matmul_nn(dst: &mut [f32], a: &[f32], b: &[f32], [m, n, k]: [usize; 3]) {
 /// dst[m×n] = a[k×m]ᵀ · b[k×n], all row-major and contiguous (a sum over the k rows that a
 /// and b share: the tokens, for a weight gradient).
 fn matmul_tn(dst: &mut [f32], a: &[f32], b: &[f32], [m, n, k]: [usize; 3]) {
-    // aᵀ[i, kk] is a[kk, i], at kk·m + i: row stride 1, column stride m.
+    // aᵀ[i, kk] is a[kk, i], at kk·m + i.
     gemm_strided(
-        Strided {
-            data: dst,
-            row: n,
-            col: 1,
-        },
-        StridedRef {
-            data: a,
-            row: 1,
-            col: m,
-        },
-        StridedRef {
-            data: b,
-            row: n,
-            col: 1,
-        },
+        Strided::rows(dst, n),
+        StridedRef::transposed(a, m),
+        StridedRef::rows(b, n),
         [m, n, k],
         false,
         1.0,
@@ -179,23 +155,11 @@ pub(crate) fn matmul_nt(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    // bᵀ[kk, j] is b[j, kk], at j·k + kk: row stride 1, column stride k.
+    // bᵀ[kk, j] is b[j, kk], at j·k + kk.
     gemm_strided(
-        Strided {
-            data: dst,
-            row: n,
-            col: 1,
-        },
-        StridedRef {
-            data: a,
-            row: k,
-            col: 1,
-        },
-        StridedRef {
-            data: b,
-            row: 1,
-            col: k,
-        },
+        Strided::rows(dst, n),
+        StridedRef::rows(a, k),
+        StridedRef::transposed(b, k),
         [m, n, k],
         accumulate,
         1.0,
@@ -215,6 +179,40 @@ pub(crate) struct StridedRef<'a> {
     pub(crate) data: &'a [f32],
     pub(crate) row: usize,
     pub(crate) col: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// A row-major matrix whose rows start `stride` elements apart: (i, j) at
+    /// `data[i·stride + j]`.
+    pub(crate) fn rows(data: &'a mut [f32], stride: usize) -> Self {
+        Strided {
+            data,
+            row: stride,
+            col: 1,
+        }
+    }
+}
+
+impl<'a> StridedRef<'a> {
+    /// A row-major matrix whose rows start `stride` elements apart: (i, j) at
+    /// `data[i·stride + j]`.
+    pub(crate) fn rows(data: &'a [f32], stride: usize) -> Self {
+        StridedRef {
+            data,
+            row: stride,
+            col: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix whose rows start `stride` elements apart: (i, j)
+    /// at `data[j·stride + i]`, row stride 1, column stride `stride`.
+    pub(crate) fn transposed(data: &'a [f32], stride: usize) -> Self {
+        StridedRef {
+            data,
+            row: 1,
+            col: stride,
+        }
+    }
 }
 
 /// dst[m×n] = (dst if `accumulate`) + scale · lhs[m×k] · rhs[k×n], on strided views.

@@ -29,6 +29,7 @@ use rayon::prelude::*;
 use super::linear::{Strided, StridedRef, gemm_strided, matmul_nt};
 use crate::cuda::CudaBackend;
 use crate::cuda::ops as cuda_ops;
+use crate::cuda::ops::logprobs::Call;
 use crate::{EngineError, Result, Tensor};
 
 /// Chunk sizes over tokens and vocabulary; their product bounds the scratch memory.
@@ -108,9 +109,8 @@ pub fn token_logprobs(
         );
     }
     const OP: &str = "token_logprobs";
-    let dims = check_call(OP, hidden, head, None, targets, final_softcap, chunks)?;
-    let ops = Operands::new(hidden, head, None, targets, final_softcap, chunks, dims)?;
-    Ok(ops.token_stats())
+    let call = check_call(OP, hidden, head, None, targets, final_softcap, chunks)?;
+    Ok(Operands::new(&call)?.token_stats())
 }
 
 /// [`token_logprobs`] with an optional low-rank term: logits are
@@ -129,21 +129,11 @@ pub fn token_logprobs_low_rank(
     }
     const OP: &str = "token_logprobs_low_rank";
     let gpu = device_of(OP, hidden, head, low_rank)?;
-    let dims = check_call(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
+    let call = check_call(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
     if let Some(gpu) = gpu {
-        let call = cuda_ops::logprobs::Call {
-            hidden,
-            head,
-            low_rank,
-            targets,
-            final_softcap,
-            chunks,
-            dims,
-        };
         return cuda_ops::logprobs::token_logprobs_low_rank(&gpu, &call);
     }
-    let ops = Operands::new(hidden, head, low_rank, targets, final_softcap, chunks, dims)?;
-    Ok(ops.token_stats())
+    Ok(Operands::new(&call)?.token_stats())
 }
 
 /// Gradient of Σ_t d_logp[t] · log p_t(targets[t]) under the logits of
@@ -163,8 +153,8 @@ pub fn token_logprobs_backward(
 ) -> Result<LogProbGrads> {
     const OP: &str = "token_logprobs_backward";
     let gpu = device_of(OP, hidden, head, low_rank)?;
-    let dims = check_call(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
-    let t = dims[0];
+    let call = check_call(OP, hidden, head, low_rank, targets, final_softcap, chunks)?;
+    let t = call.dims[0];
     if d_logp.len() != t {
         return Err(EngineError::Arg {
             op: OP,
@@ -181,18 +171,9 @@ pub fn token_logprobs_backward(
         });
     }
     if let Some(gpu) = gpu {
-        let call = cuda_ops::logprobs::Call {
-            hidden,
-            head,
-            low_rank,
-            targets,
-            final_softcap,
-            chunks,
-            dims,
-        };
         return cuda_ops::logprobs::token_logprobs_backward(&gpu, d_logp, &call);
     }
-    let all = Operands::new(hidden, head, low_rank, targets, final_softcap, chunks, dims)?;
+    let all = Operands::new(&call)?;
 
     let active: Vec<usize> = (0..all.t).filter(|&i| d_logp[i] != 0.0).collect();
     let kept = KeptRows::gather(&all, d_logp, &active);
@@ -283,16 +264,16 @@ fn device_of(
 
 /// Every argument rule of a call, shared by the CPU path and the CUDA launchers: shapes,
 /// soft-cap, targets (one per row, each < V), chunk sizes ≥ 1 and the low-rank shapes.
-/// Returns [T, V, C, R] (R = 0 without a low-rank term).
-fn check_call(
+/// Returns the call with its [T, V, C, R] (R = 0 without a low-rank term), for either device.
+fn check_call<'a>(
     op: &'static str,
-    hidden: &Tensor,
-    head: &Tensor,
-    low_rank: Option<LowRank<'_>>,
-    targets: &[u32],
+    hidden: &'a Tensor,
+    head: &'a Tensor,
+    low_rank: Option<LowRank<'a>>,
+    targets: &'a [u32],
     final_softcap: Option<f32>,
     chunks: LogProbChunks,
-) -> Result<[usize; 4]> {
+) -> Result<Call<'a>> {
     let (t, v, c) = check_head(op, hidden, head, final_softcap)?;
     if targets.len() != t {
         return Err(EngineError::Arg {
@@ -317,7 +298,15 @@ fn check_call(
         Some(lr) => check_low_rank(op, lr, t, v)?,
         None => 0,
     };
-    Ok([t, v, c, r])
+    Ok(Call {
+        hidden,
+        head,
+        low_rank,
+        targets,
+        final_softcap,
+        chunks,
+        dims: [t, v, c, r],
+    })
 }
 
 /// tanh(x / c) · c, in HF's order of operations.
@@ -357,16 +346,17 @@ struct LowRankRows<'a> {
 }
 
 impl<'a> Operands<'a> {
-    /// The operands of a call that [`check_call`] has passed, with its `[t, v, c, r]`.
-    fn new(
-        hidden: &'a Tensor,
-        head: &'a Tensor,
-        low_rank: Option<LowRank<'a>>,
-        targets: &'a [u32],
-        final_softcap: Option<f32>,
-        chunks: LogProbChunks,
-        [t, v, c, r]: [usize; 4],
-    ) -> Result<Operands<'a>> {
+    /// The operands of a call that [`check_call`] has passed.
+    fn new(call: &Call<'a>) -> Result<Operands<'a>> {
+        let Call {
+            hidden,
+            head,
+            low_rank,
+            targets,
+            final_softcap,
+            chunks,
+            dims: [t, v, c, r],
+        } = *call;
         let low_rank = match low_rank {
             Some(lr) => Some(LowRankRows {
                 u: lr.u.as_slice()?,
@@ -564,40 +554,39 @@ impl<'a> Operands<'a> {
         inner: Parallelism,
     ) {
         let (n, c) = (dz.len() / w, self.c);
+        // dst [n, width] += dz [n, w] · the tile's `width`-wide rows [w, width] of `per_id`.
+        let add_dz_times = |dst: &mut [f32], per_id: &[f32], width: usize| {
+            let rows = &per_id[v0 * width..(v0 + w) * width];
+            gemm_strided(
+                Strided::rows(dst, width),
+                StridedRef::rows(dz, w),
+                StridedRef::rows(rows, width),
+                [n, width, w],
+                true,
+                1.0,
+                inner,
+            )
+        };
         // dh [n, C] += dz [n, w] · head [w, C].
-        let head = &self.head[v0 * c..(v0 + w) * c];
-        gemm_strided(
-            dense_mut(dh, c),
-            dense(dz, w),
-            dense(head, c),
-            [n, c, w],
-            true,
-            1.0,
-            inner,
-        );
+        add_dz_times(dh, self.head, c);
         let Some(LowRankRows { u, b, r }) = self.low_rank else {
             return;
         };
         // du [n, R] += dz [n, w] · b [w, R].
-        let b = &b[v0 * r..(v0 + w) * r];
+        add_dz_times(du, b, r);
+        // d_b [w, R] += dzᵀ [w, n] · u [n, R]; dzᵀ(j, i) is dz[i·w + j].
+        let dz_t = StridedRef::transposed(dz, w);
+        let d_b = Strided::rows(&mut d_b[v0 * r..(v0 + w) * r], r);
+        let u = &u[t0 * r..(t0 + n) * r];
         gemm_strided(
-            dense_mut(du, r),
-            dense(dz, w),
-            dense(b, r),
-            [n, r, w],
+            d_b,
+            dz_t,
+            StridedRef::rows(u, r),
+            [w, r, n],
             true,
             1.0,
             inner,
         );
-        // d_b [w, R] += dzᵀ [w, n] · u [n, R]; dzᵀ(j, i) is dz[i·w + j].
-        let dz_t = StridedRef {
-            data: dz,
-            row: 1,
-            col: w,
-        };
-        let d_b = dense_mut(&mut d_b[v0 * r..(v0 + w) * r], r);
-        let u = &u[t0 * r..(t0 + n) * r];
-        gemm_strided(d_b, dz_t, dense(u, r), [w, r, n], true, 1.0, inner);
     }
 }
 
@@ -667,24 +656,6 @@ fn split_rows(mut buf: &mut [f32], width: usize, t: usize, rows: usize) -> Vec<&
             block
         })
         .collect()
-}
-
-/// A dense row-major [_, width] matrix view.
-fn dense(data: &[f32], width: usize) -> StridedRef<'_> {
-    StridedRef {
-        data,
-        row: width,
-        col: 1,
-    }
-}
-
-/// A dense row-major [_, width] mutable matrix view.
-fn dense_mut(data: &mut [f32], width: usize) -> Strided<'_> {
-    Strided {
-        data,
-        row: width,
-        col: 1,
-    }
 }
 
 /// One row's running statistics over the vocabulary seen so far.
@@ -763,37 +734,33 @@ mod tests {
     use super::*;
     use crate::test_util::{Rng, assert_close};
 
-    /// Full f64 logits and log-softmax statistics per row: (logp, entropy, mean, argmax).
-    fn naive(
-        hidden: &[f32],
-        head: &[f32],
-        targets: &[u32],
-        cap: Option<f64>,
-        c: usize,
-    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<u32>) {
-        let v = head.len() / c;
-        let (mut lp, mut ent, mut mean, mut arg) = (vec![], vec![], vec![], vec![]);
-        for (row, &tgt) in hidden.chunks(c).zip(targets) {
-            let logits: Vec<f64> = head
-                .chunks(c)
-                .map(|w| {
-                    let l: f64 = row.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    cap.map_or(l, |c| (l / c).tanh() * c)
-                })
-                .collect();
-            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
-            lp.push(logits[tgt as usize] - lse);
-            ent.push(
-                -logits
-                    .iter()
-                    .map(|l| (l - lse).exp() * (l - lse))
-                    .sum::<f64>(),
-            );
-            mean.push(logits.iter().sum::<f64>() / v as f64);
-            arg.push(logits.iter().position(|&l| l == m).unwrap() as u32);
+    /// Per-row (log p(target), entropy, mean logit, argmax) of an f64 reference.
+    type Stats = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<u32>);
+
+    /// Full f64 logits and log-softmax statistics per row, without a low-rank term.
+    fn naive(hidden: &[f32], head: &[f32], targets: &[u32], cap: Option<f64>, c: usize) -> Stats {
+        let f64s = |x: &[f32]| x.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        Naive {
+            hidden: f64s(hidden),
+            head: f64s(head),
+            low_rank: None,
+            targets: targets.to_vec(),
+            cap,
+            c,
+            r: 0,
         }
-        (lp, ent, mean, arg)
+        .stats()
+    }
+
+    /// The op's statistics against the reference's: log-probs, entropy and mean within
+    /// 1e-5 + 1e-6·|want| (logits are O(4) f32 dot products, ≈1e-6 error, and logsumexp
+    /// adds a few ulps), the argmax exactly.
+    #[track_caller]
+    fn assert_stats_close(what: &str, s: &TokenStats, (lp, ent, mean, arg): &Stats) {
+        assert_close(&format!("logp {what}"), &s.logp, lp, 1e-5, 1e-6);
+        assert_close(&format!("entropy {what}"), &s.entropy, ent, 1e-5, 1e-6);
+        assert_close(&format!("mean {what}"), &s.mean_logit, mean, 1e-5, 1e-6);
+        assert_eq!(&s.argmax, arg, "argmax {what}");
     }
 
     #[test]
@@ -806,18 +773,13 @@ mod tests {
         let ht = Tensor::from_vec(hidden.clone(), &[t, c]).unwrap();
         let wt = Tensor::from_vec(head.clone(), &[v, c]).unwrap();
         for cap in [None, Some(2.5f32)] {
-            let (lp, ent, mean, arg) = naive(&hidden, &head, &targets, cap.map(|c| c as f64), c);
+            let want = naive(&hidden, &head, &targets, cap.map(|c| c as f64), c);
             // Vocab chunks of 1, a non-divisor, exactly V, and past V; token chunks of 1,
             // a non-divisor and past T.
             for (tokens, vocab) in [(1, 1), (5, 64), (16, 1003), (64, 5000), (37, 100)] {
                 let s = token_logprobs(&ht, &wt, &targets, cap, LogProbChunks { tokens, vocab })
                     .unwrap();
-                // Logits are O(4) f32 dot products (≈1e-6 error); logsumexp adds a few ulps.
-                let what = format!("cap {cap:?} chunks {tokens}×{vocab}");
-                assert_close(&format!("logp {what}"), &s.logp, &lp, 1e-5, 1e-6);
-                assert_close(&format!("entropy {what}"), &s.entropy, &ent, 1e-5, 1e-6);
-                assert_close(&format!("mean {what}"), &s.mean_logit, &mean, 1e-5, 1e-6);
-                assert_eq!(s.argmax, arg, "argmax {what}");
+                assert_stats_close(&format!("cap {cap:?} chunks {tokens}×{vocab}"), &s, &want);
             }
         }
     }
@@ -981,7 +943,7 @@ mod tests {
         }
 
         /// (log p(target), entropy, mean logit, argmax) per row.
-        fn stats(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<u32>) {
+        fn stats(&self) -> Stats {
             let (mut lp, mut ent, mut mean, mut arg) = (vec![], vec![], vec![], vec![]);
             for (logits, &tgt) in self.logits().iter().zip(&self.targets) {
                 let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -1080,18 +1042,14 @@ mod tests {
         let mut p = Problem::new(21, (29, 517, 13, 4), true);
         for cap in [None, Some(2.0f32)] {
             p.naive.cap = cap.map(f64::from);
-            let (lp, ent, mean, arg) = p.naive.stats();
+            let want = p.naive.stats();
             for (tokens, vocab) in [(1, 1), (4, 64), (7, 517), (64, 5000)] {
                 let ch = LogProbChunks { tokens, vocab };
                 let s =
                     token_logprobs_low_rank(&p.hidden, &p.head, p.low_rank(), &p.targets, cap, ch)
                         .unwrap();
                 // Logits are O(4) sums of 17 f32 products (≈1e-6 error), as in the test above.
-                let what = format!("cap {cap:?} chunks {tokens}×{vocab}");
-                assert_close(&format!("logp {what}"), &s.logp, &lp, 1e-5, 1e-6);
-                assert_close(&format!("entropy {what}"), &s.entropy, &ent, 1e-5, 1e-6);
-                assert_close(&format!("mean {what}"), &s.mean_logit, &mean, 1e-5, 1e-6);
-                assert_eq!(s.argmax, arg, "argmax {what}");
+                assert_stats_close(&format!("cap {cap:?} chunks {tokens}×{vocab}"), &s, &want);
             }
         }
     }

@@ -17,6 +17,7 @@ mod embedding;
 mod linear;
 mod logits_at_least;
 mod logprobs;
+pub(crate) mod lora_fused;
 mod lora_ops;
 pub(crate) mod paged_attention;
 mod rms_norm;
@@ -38,6 +39,7 @@ pub use logprobs::{
     LogProbChunks, LogProbGrads, LowRank, LowRankGrads, TokenStats, logits, token_logprobs,
     token_logprobs_backward, token_logprobs_low_rank,
 };
+pub use lora_fused::{lora_project, lora_project_backward};
 pub use lora_ops::{
     DropoutKey, add_into_columns, apply_dropout, apply_dropout_backward, columns, dropout_hash,
     dropout_mask, transpose,

@@ -1,9 +1,11 @@
-//! What the engine's GPU test binaries (cuda_parity, cuda_paged, cuda_top_k) share: the
-//! device, its lock, reproducible random inputs, and the `abs + rel·U·|want|` comparison.
+//! What the engine's GPU test binaries (cuda_parity, cuda_paged, cuda_top_k, the backward
+//! ones) share: the device, its lock, reproducible random inputs, packed sequence layouts,
+//! and the `abs + rel·U·|want|` comparison.
 //!
 //! Each binary compiles this module on its own (`mod common;`) and uses a subset of it.
 #![allow(dead_code)]
 
+use engine::ops::{RopeScaling, SeqLayout};
 use engine::{Device, Tensor};
 
 pub const GPU: Device = Device::Cuda(0);
@@ -117,4 +119,43 @@ pub fn assert_close_tensors(
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
     let (g, w) = (got.to_vec().unwrap(), want.to_vec().unwrap());
     assert_close_slices(what, &g, &w, abs, rel, non_finite);
+}
+
+/// The largest |value|: the scale that absolute tolerances are stated against (terms that
+/// cancel leave f32 errors of the terms' size, not the result's).
+pub fn max_abs(v: &[f32]) -> f64 {
+    v.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()))
+}
+
+/// Llama 3's RoPE scaling (factor 32, original context 8192), as its config.json gives it.
+pub fn llama3() -> RopeScaling {
+    RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    }
+}
+
+/// Where each of sequences of these lengths starts when packed: [0, l0, l0 + l1, …].
+pub fn starts(lens: &[usize]) -> Vec<usize> {
+    let mut s = vec![0];
+    for l in lens {
+        s.push(s.last().unwrap() + l);
+    }
+    s
+}
+
+/// The packed layout of sequences with `q_lens` queries over `kv_lens` keys, and its total
+/// query and key counts (Tq, Tkv).
+pub fn seq_layout(q_lens: &[usize], kv_lens: &[usize]) -> (SeqLayout, usize, usize) {
+    let layout = SeqLayout {
+        q_starts: starts(q_lens),
+        kv_starts: starts(kv_lens),
+    };
+    let (tq, tkv) = (
+        *layout.q_starts.last().unwrap(),
+        *layout.kv_starts.last().unwrap(),
+    );
+    (layout, tq, tkv)
 }

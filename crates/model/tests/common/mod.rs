@@ -1,5 +1,6 @@
 //! The fixture cases of fixtures/train/lora_grads (tools/gen_lora_grad_fixtures.py), shared
-//! by the CPU test (lora_grads.rs) and the GPU one (cuda_lora.rs).
+//! by the CPU test (lora_grads.rs), the GPU one (cuda_lora.rs) and the merge test (merge.rs,
+//! which merges their adapters).
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::collections::BTreeMap;
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use engine::{Device, Tensor};
 use model::{Lora, LoraSpec, LoraTarget, Model, TrainBatch};
 use serde_json::Value;
-use testkit::{fixtures_dir, peft_lora_key, read_safetensors_f32};
+use testkit::{fixtures_dir, packed_rows, peft_lora_key, read_json, read_safetensors_f32};
 
 /// Every case folder, sorted.
 pub fn case_dirs() -> Vec<PathBuf> {
@@ -66,59 +67,47 @@ pub struct Case {
     pub batch: TrainBatch,
 }
 
-/// A fixture case: the model, PEFT's adapter with its settings, the packed batch.
-pub fn load_case(dir: &Path, dropout: f32, device: Device) -> Case {
-    let name = dir.file_name().unwrap().to_string_lossy().to_string();
-    let case: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let model = Model::load(&fixtures_dir().join("models").join(&name), device).unwrap();
+/// The LoRA settings of a case.json (r, lora_alpha, target_modules), with `dropout`.
+pub fn case_spec(case: &Value, dropout: f32) -> LoraSpec {
     let targets = case["target_modules"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| LoraTarget::parse(t.as_str().unwrap()).unwrap())
         .collect();
-    let spec = LoraSpec {
+    LoraSpec {
         r: case["r"].as_u64().unwrap() as usize,
         alpha: case["lora_alpha"].as_f64().unwrap() as f32,
         dropout,
         use_rslora: false,
         targets,
-    };
-    let lora = load_lora(
-        &model,
+    }
+}
+
+/// A case folder's adapter (its case.json settings, its PEFT-named tensors) with the
+/// model's shapes.
+pub fn load_adapter(dir: &Path, model: &Model, dropout: f32) -> Lora {
+    let spec = case_spec(&read_json(&dir.join("case.json")), dropout);
+    load_lora(
+        model,
         spec,
         &read_safetensors_f32(&dir.join("adapter_model.safetensors")),
-    );
+    )
+}
 
-    // Pack the sequences; scored rows in the fixture's order.
-    let seqs: Vec<Vec<u32>> = case["sequences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    let mut starts = vec![0];
-    for s in &seqs {
-        starts.push(starts.last().unwrap() + s.len());
-    }
-    let (mut rows, mut targets) = (Vec::new(), Vec::new());
-    for r in case["rows"].as_array().unwrap() {
-        let seq = r["seq"].as_u64().unwrap() as usize;
-        rows.push(starts[seq] + r["pos"].as_u64().unwrap() as usize);
-        targets.push(r["target"].as_u64().unwrap() as u32);
-    }
+/// A fixture case: the model, PEFT's adapter with its settings, the packed batch.
+pub fn load_case(dir: &Path, dropout: f32, device: Device) -> Case {
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let case = read_json(&dir.join("case.json"));
+    let model = Model::load(&fixtures_dir().join("models").join(&name), device).unwrap();
+    let lora = load_adapter(dir, &model, dropout);
+    // The sequences packed; scored rows in the fixture's order.
+    let packed = packed_rows(&case);
     let batch = TrainBatch {
-        ids: seqs.concat(),
-        lens: seqs.iter().map(Vec::len).collect(),
-        rows,
-        targets,
+        ids: packed.ids,
+        lens: packed.lens,
+        rows: packed.rows,
+        targets: packed.targets,
     };
     Case {
         name,

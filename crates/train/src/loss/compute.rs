@@ -238,6 +238,11 @@ mod tests {
         }
     }
 
+    /// The loss of `types` (with [`config`]'s settings) on `b`.
+    fn loss_of(types: &[LossType], b: &PairBatch) -> Result<LossOutput> {
+        DpoLoss::new(&config(types)).unwrap().compute(b)
+    }
+
     fn config(types: &[LossType]) -> DpoLossConfig {
         DpoLossConfig {
             loss_type: types.to_vec(),
@@ -363,7 +368,7 @@ mod tests {
     #[test]
     fn weights_scale_and_types_add() {
         let b = batch();
-        let one = |t: LossType| DpoLoss::new(&config(&[t])).unwrap().compute(&b).unwrap();
+        let one = |t: LossType| loss_of(&[t], &b).unwrap();
         let (a, s) = (one(LossType::Sigmoid), one(LossType::Sft));
         let both = DpoLoss::new(&DpoLossConfig {
             loss_weights: Some(vec![0.8, 0.25]),
@@ -382,10 +387,7 @@ mod tests {
     #[test]
     fn sft_is_the_chosen_token_mean_and_spreads_evenly() {
         let b = batch();
-        let out = DpoLoss::new(&config(&[LossType::Sft]))
-            .unwrap()
-            .compute(&b)
-            .unwrap();
+        let out = loss_of(&[LossType::Sft], &b).unwrap();
         let tokens: u64 = b.chosen.iter().map(|s| s.tokens).sum();
         let sum: f64 = b.chosen.iter().map(|s| s.logps).sum();
         assert!((out.loss + sum / tokens as f64).abs() < 1e-15);
@@ -399,9 +401,7 @@ mod tests {
             s.tokens = 0;
             s.top1 = 0;
         }
-        let e = DpoLoss::new(&config(&[LossType::Sft]))
-            .unwrap()
-            .compute(&empty);
+        let e = loss_of(&[LossType::Sft], &empty);
         assert!(
             matches!(e, Err(TrainError::Arg { what: "batch", .. })),
             "{e:?}"
@@ -411,10 +411,7 @@ mod tests {
     #[test]
     fn without_ld_every_token_of_a_sequence_gets_one_gradient() {
         let b = batch();
-        let out = DpoLoss::new(&config(&[LossType::Sigmoid]))
-            .unwrap()
-            .compute(&b)
-            .unwrap();
+        let out = loss_of(&[LossType::Sigmoid], &b).unwrap();
         assert_eq!(out.grad.chosen, out.grad.chosen_tail);
         assert_eq!(out.grad.rejected, out.grad.rejected_tail);
         let k_last = b.chosen[1].tokens - 1;
@@ -424,10 +421,7 @@ mod tests {
     #[test]
     fn ld_alpha_one_is_plain_dpo() {
         let b = batch();
-        let plain = DpoLoss::new(&config(&[LossType::Sigmoid]))
-            .unwrap()
-            .compute(&b)
-            .unwrap();
+        let plain = loss_of(&[LossType::Sigmoid], &b).unwrap();
         let ld = DpoLoss::new(&DpoLossConfig {
             ld_alpha: Some(1.0),
             ..config(&[LossType::Sigmoid])
@@ -458,9 +452,6 @@ mod tests {
         let e = wpo.compute(&b).unwrap_err().to_string();
         assert!(e.contains("chosen[1].log_sum_sq_probs is missing"), "{e}");
         // Neither is needed without its option.
-        DpoLoss::new(&config(&[LossType::Sigmoid]))
-            .unwrap()
-            .compute(&b)
-            .unwrap();
+        loss_of(&[LossType::Sigmoid], &b).unwrap();
     }
 }

@@ -207,25 +207,11 @@ pub(crate) struct BatchTerm {
 ///
 /// `x_c`, `x_r`, `ref_c`, `ref_r`: [N] summed log-probs.
 pub(crate) fn aot(x_c: &[f64], x_r: &[f64], ref_c: &[f64], ref_r: &[f64], k: &Params) -> BatchTerm {
-    let n = x_c.len();
     let policy: Vec<f64> = x_c.iter().zip(x_r).map(|(c, r)| c - r).collect();
     let reference: Vec<f64> = ref_c.iter().zip(ref_r).map(|(c, r)| c - r).collect();
     let (pi, ri) = (argsort(&policy), argsort(&reference));
-    let mut t = BatchTerm {
-        mean: 0.0,
-        d_c: vec![0.0; n],
-        d_r: vec![0.0; n],
-    };
-    let mut sum = 0.0;
-    for pos in 0..n {
-        let (loss, d) = aot_position(policy[pi[pos]] - reference[ri[pos]], k);
-        sum += loss;
-        // The pair sorted at `pos` owns this position's gradient.
-        t.d_c[pi[pos]] = d / n as f64;
-        t.d_r[pi[pos]] = -d / n as f64;
-    }
-    t.mean = sum / n as f64;
-    t
+    // The pair sorted at `pos` owns this position's gradient, on both of its sides.
+    aot_sorted((&policy, &pi), (&reference, &ri), &pi, k)
 }
 
 /// AOT (unpaired): sort the chosen log-ratios and the rejected log-ratios separately and
@@ -233,8 +219,21 @@ pub(crate) fn aot(x_c: &[f64], x_r: &[f64], ref_c: &[f64], ref_r: &[f64], k: &Pa
 ///
 /// `lr_c`, `lr_r`: [N] log-ratios.
 pub(crate) fn aot_unpaired(lr_c: &[f64], lr_r: &[f64], k: &Params) -> BatchTerm {
-    let n = lr_c.len();
     let (ci, ri) = (argsort(lr_c), argsort(lr_r));
+    aot_sorted((lr_c, &ci), (lr_r, &ri), &ri, k)
+}
+
+/// The AOT loss of two sequences compared in sorted order: position `pos` scores
+/// `a[ai[pos]] − b[bi[pos]]`, and its gradient goes to the chosen side of pair `ai[pos]`
+/// and the rejected side of pair `rejected_owner[pos]`. `a`, `b`: [N]; the orders are
+/// permutations of 0..N.
+fn aot_sorted(
+    (a, ai): (&[f64], &[usize]),
+    (b, bi): (&[f64], &[usize]),
+    rejected_owner: &[usize],
+    k: &Params,
+) -> BatchTerm {
+    let n = a.len();
     let mut t = BatchTerm {
         mean: 0.0,
         d_c: vec![0.0; n],
@@ -242,10 +241,10 @@ pub(crate) fn aot_unpaired(lr_c: &[f64], lr_r: &[f64], k: &Params) -> BatchTerm 
     };
     let mut sum = 0.0;
     for pos in 0..n {
-        let (loss, d) = aot_position(lr_c[ci[pos]] - lr_r[ri[pos]], k);
+        let (loss, d) = aot_position(a[ai[pos]] - b[bi[pos]], k);
         sum += loss;
-        t.d_c[ci[pos]] = d / n as f64;
-        t.d_r[ri[pos]] = -d / n as f64;
+        t.d_c[ai[pos]] = d / n as f64;
+        t.d_r[rejected_owner[pos]] = -d / n as f64;
     }
     t.mean = sum / n as f64;
     t

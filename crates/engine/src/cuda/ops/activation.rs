@@ -1,6 +1,7 @@
 //! Gated MLP activation on the GPU, and its backward (kernels/activation.cu). Every tensor
 //! here is bf16; the arithmetic is f32.
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
 use super::{bf16_ptr, empty, grid_stride};
@@ -29,6 +30,25 @@ fn code(act: Activation) -> i32 {
     }
 }
 
+/// Launches kernel `name` of kernels/activation.cu over `n` outputs, 8 per thread.
+///
+/// # Safety
+/// `params` are the kernel's arguments (from `params!`, so each points at a live variable of
+/// the parameter's type), and the buffers they address hold what the kernel reads and writes
+/// for `n` outputs.
+unsafe fn launch(
+    backend: &CudaBackend,
+    name: &'static str,
+    n: usize,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    let kernel = backend.kernel(Module::Activation, name)?;
+    let grid = grid_stride(backend, n / 8 + 1, BLOCK);
+    // SAFETY: the caller's contract.
+    unsafe { backend.launch_1d(&kernel, grid, BLOCK, params) }?;
+    Ok(())
+}
+
 /// act(gate) · up; gate, up: [T, I] → [T, I].
 pub(crate) fn gated_activation(
     backend: &Arc<CudaBackend>,
@@ -44,16 +64,13 @@ pub(crate) fn gated_activation(
     let n = gate.len();
     if n > 0 {
         let po = bf16_ptr(OP, "out", &out)?;
-        let kernel = backend.kernel(Module::Activation, "gated_act_bf16")?;
         let (n64, act) = (n as i64, code(act));
-        let grid = grid_stride(backend, n / 8 + 1, BLOCK);
         // SAFETY: out, gate, up hold n bf16 each.
         unsafe {
-            backend.launch(
-                &kernel,
-                (grid, 1, 1),
-                (BLOCK, 1, 1),
-                0,
+            launch(
+                backend,
+                "gated_act_bf16",
+                n,
                 &mut params![po, pg, pu, n64, act],
             )
         }?;
@@ -82,16 +99,13 @@ pub(crate) fn gated_activation_packed(
     let n = rows * inter;
     if n > 0 {
         let po = bf16_ptr(OP, "out", &out)?;
-        let kernel = backend.kernel(Module::Activation, "gated_act_packed_bf16")?;
         let (rows64, inter64, act) = (rows as i64, inter as i64, code(act));
-        let grid = grid_stride(backend, n / 8 + 1, BLOCK);
         // SAFETY: gu holds rows·2I bf16, out rows·I.
         unsafe {
-            backend.launch(
-                &kernel,
-                (grid, 1, 1),
-                (BLOCK, 1, 1),
-                0,
+            launch(
+                backend,
+                "gated_act_packed_bf16",
+                n,
                 &mut params![po, pg, rows64, inter64, act],
             )
         }?;
@@ -119,17 +133,14 @@ pub(crate) fn gated_activation_backward(
     let n = gate.len();
     if n > 0 {
         let (pdg, pdu) = (bf16_ptr(OP, "dgate", &dgate)?, bf16_ptr(OP, "dup", &dup)?);
-        let kernel = backend.kernel(Module::Activation, "gated_act_backward_bf16")?;
         let (n64, act) = (n as i64, code(act));
-        let grid = grid_stride(backend, n / 8 + 1, BLOCK);
         // SAFETY: dgate, dup, gate, up, dy hold n bf16 each (arena buffers, 256-byte aligned
         // for the 16-byte vectors).
         unsafe {
-            backend.launch(
-                &kernel,
-                (grid, 1, 1),
-                (BLOCK, 1, 1),
-                0,
+            launch(
+                backend,
+                "gated_act_backward_bf16",
+                n,
                 &mut params![pdg, pdu, pg, pu, pdy, n64, act],
             )
         }?;
@@ -155,16 +166,13 @@ pub(crate) fn gated_activation_packed_backward(
     let n = rows * inter;
     if n > 0 {
         let pdgu = bf16_ptr(OP, "dgu", &dgu)?;
-        let kernel = backend.kernel(Module::Activation, "gated_act_packed_backward_bf16")?;
         let (rows64, inter64, act) = (rows as i64, inter as i64, code(act));
-        let grid = grid_stride(backend, n / 8 + 1, BLOCK);
         // SAFETY: gu and dgu hold rows·2I bf16, dy rows·I.
         unsafe {
-            backend.launch(
-                &kernel,
-                (grid, 1, 1),
-                (BLOCK, 1, 1),
-                0,
+            launch(
+                backend,
+                "gated_act_packed_backward_bf16",
+                n,
                 &mut params![pdgu, pgu, pdy, rows64, inter64, act],
             )
         }?;

@@ -5,9 +5,11 @@
 //! head dims up to 256 use the scalar kernel, which tests also run as an independent
 //! cross-check.
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
 use super::{bf16_ptr, empty, to_i32};
+use crate::cuda::arena::DeviceBuffer;
 use crate::cuda::device::{CudaBackend, params};
 use crate::cuda::kernels::Module;
 use crate::cuda::storage::DType;
@@ -151,11 +153,7 @@ pub(crate) fn attention(
         return Ok(AttentionOut { out, lse });
     }
 
-    let starts = |s: &[usize]| -> Result<Vec<i32>> {
-        s.iter().map(|&x| to_i32(OP, "a layout start", x)).collect()
-    };
-    let q_starts = backend.upload(&starts(&layout.q_starts)?)?;
-    let kv_starts = backend.upload(&starts(&layout.kv_starts)?)?;
+    let (q_starts, kv_starts) = upload_starts(backend, OP, layout)?;
     let args = AttnArgs {
         q: pq,
         k: pk,
@@ -208,12 +206,7 @@ pub(crate) fn attention(
                     msg: format!("{max_rows} rows in one sequence exceed one launch's grid"),
                 }
             })?;
-            if batch > 65535 || hkv > 65535 {
-                return Err(EngineError::Arg {
-                    op: OP,
-                    msg: format!("B = {batch} and Hkv = {hkv} must each be at most 65535"),
-                });
-            }
+            check_grid_yz(OP, &[("B", batch), ("Hkv", hkv)])?;
             let smem = inst.smem_bytes(d) as u32;
             let f = backend.kernel(Module::Attention, inst.name)?;
             // SAFETY: AttnArgs mirrors the kernel's struct; q, k, v, out, lse and both start
@@ -230,26 +223,81 @@ pub(crate) fn attention(
             }?;
         }
         None => {
-            if h > 65535 {
-                return Err(EngineError::Arg {
-                    op: OP,
-                    msg: format!("H = {h} must be at most 65535"),
-                });
-            }
-            let f = backend.kernel(Module::Attention, "attention_simple")?;
+            check_grid_yz(OP, &[("H", h)])?;
             // SAFETY: as above; one warp per (query, head).
             unsafe {
-                backend.launch(
-                    &f,
-                    (tq as u32, h as u32, 1),
-                    (32, 1, 1),
-                    0,
-                    &mut params![args],
+                launch_warp_per_row(
+                    backend,
+                    Module::Attention,
+                    "attention_simple",
+                    [tq, h],
+                    &args,
                 )
             }?;
         }
     }
     Ok(AttentionOut { out, lse })
+}
+
+/// A layout's `q_starts` and `kv_starts` on the device as the kernels' i32, in that order.
+pub(super) fn upload_starts(
+    backend: &CudaBackend,
+    op: &'static str,
+    layout: &SeqLayout,
+) -> Result<(DeviceBuffer, DeviceBuffer)> {
+    let starts = |s: &[usize]| -> Result<Vec<i32>> {
+        s.iter().map(|&x| to_i32(op, "a layout start", x)).collect()
+    };
+    let q_starts = backend.upload(&starts(&layout.q_starts)?)?;
+    let kv_starts = backend.upload(&starts(&layout.kv_starts)?)?;
+    Ok((q_starts, kv_starts))
+}
+
+/// Checks that each named dimension fits a grid's y or z extent (at most 65535), naming
+/// them all in the error: "B = 70000 and Hkv = 8 must each be at most 65535".
+pub(super) fn check_grid_yz(op: &'static str, dims: &[(&str, usize)]) -> Result<()> {
+    if dims.iter().all(|&(_, n)| n <= 65535) {
+        return Ok(());
+    }
+    let named: Vec<String> = dims
+        .iter()
+        .map(|(name, n)| format!("{name} = {n}"))
+        .collect();
+    let msg = match named.as_slice() {
+        [one] => format!("{one} must be at most 65535"),
+        [init @ .., last] => format!("{} and {last} must each be at most 65535", init.join(", ")),
+        [] => unreachable!("an empty list has no dimension over the limit"),
+    };
+    Err(EngineError::Arg { op, msg })
+}
+
+/// Launches the scalar kernel `name` with one warp per (row, head): grid (rows, heads, 1),
+/// 32 threads, no shared memory, `args` its one parameter. The caller checks `heads` with
+/// [`check_grid_yz`].
+///
+/// # Safety
+/// `A` must be the kernel's argument struct, and every buffer it points at must hold what
+/// the kernel reads and writes for that grid.
+pub(super) unsafe fn launch_warp_per_row<A>(
+    backend: &CudaBackend,
+    module: Module,
+    name: &'static str,
+    [rows, heads]: [usize; 2],
+    args: &A,
+) -> Result<()> {
+    let f = backend.kernel(module, name)?;
+    let mut params = [args as *const A as *mut c_void];
+    // SAFETY: the caller's contract; `params` points at `args`, alive for the call.
+    unsafe {
+        backend.launch(
+            &f,
+            (rows as u32, heads as u32, 1),
+            (32, 1, 1),
+            0,
+            &mut params,
+        )
+    }?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -261,6 +309,24 @@ mod tests {
         // 7 pointers, 6 ints, 2 floats, no padding: the C struct in kernels/attention.cu.
         assert_eq!(std::mem::size_of::<AttnArgs>(), 7 * 8 + 6 * 4 + 2 * 4);
         assert_eq!(std::mem::align_of::<AttnArgs>(), 8);
+    }
+
+    #[test]
+    fn grid_limit_errors_name_every_dimension() {
+        let msg = |dims: &[(&str, usize)]| match check_grid_yz("op", dims) {
+            Err(EngineError::Arg { op: "op", msg }) => msg,
+            other => panic!("{dims:?}: expected an Arg error, got {other:?}"),
+        };
+        assert_eq!(msg(&[("H", 65536)]), "H = 65536 must be at most 65535");
+        assert_eq!(
+            msg(&[("B", 1), ("Hkv", 70000)]),
+            "B = 1 and Hkv = 70000 must each be at most 65535"
+        );
+        assert_eq!(
+            msg(&[("B", 65536), ("Hkv", 2), ("H", 8)]),
+            "B = 65536, Hkv = 2 and H = 8 must each be at most 65535"
+        );
+        assert!(check_grid_yz("op", &[("B", 65535), ("H", 0)]).is_ok());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use super::attention::{check_grid_yz, launch_warp_per_row, upload_starts};
 use super::{bf16_ptr, f32_ptr, grid_stride, to_i32};
 use crate::cuda::device::{CudaBackend, params};
 use crate::cuda::kernels::Module;
@@ -228,11 +229,7 @@ fn attention_backward_on(
     // The kernels index a sequence's GQA-packed rows and keys with 32-bit ints.
     to_i32(OP, "a sequence's query rows × H/Hkv", max_rows)?;
     to_i32(OP, "Tkv", tkv)?;
-    let starts = |s: &[usize]| -> Result<Vec<i32>> {
-        s.iter().map(|&x| to_i32(OP, "a layout start", x)).collect()
-    };
-    let q_starts = backend.upload(&starts(&layout.q_starts)?)?;
-    let kv_starts = backend.upload(&starts(&layout.kv_starts)?)?;
+    let (q_starts, kv_starts) = upload_starts(backend, OP, layout)?;
     let delta = backend.alloc(h * tq * std::mem::size_of::<f32>())?; // [H, Tq] f32
     let device_ptr = |t: &Tensor| t.cuda().map_or(0, |s| s.ptr());
     let args = AttnBwdArgs {
@@ -264,27 +261,14 @@ fn attention_backward_on(
     // stream-ordered arena only after these launches are queued.
     let f = backend.kernel(Module::AttentionBackward, "attn_bwd_delta")?;
     // One warp per (token, head) row, 4 per block.
-    unsafe {
-        backend.launch(
-            &f,
-            (grid_stride(backend, tq * h, 4), 1, 1),
-            (128, 1, 1),
-            0,
-            &mut params![args],
-        )
-    }?;
+    unsafe { backend.launch_1d(&f, grid_stride(backend, tq * h, 4), 128, &mut params![args]) }?;
     match path {
         Path::TensorCore => {
             let inst = instance(d).ok_or(EngineError::Unsupported {
                 op: "tensor-core attention_backward for this head dim (64, 80, 96, 128, 256 have one)",
                 device: q.device().to_string(),
             })?;
-            if batch > 65535 || hkv > 65535 {
-                return Err(EngineError::Arg {
-                    op: OP,
-                    msg: format!("B = {batch} and Hkv = {hkv} must each be at most 65535"),
-                });
-            }
+            check_grid_yz(OP, &[("B", batch), ("Hkv", hkv)])?;
             let tiles = |n: usize| {
                 u32::try_from(n.div_ceil(BLOCK_ROWS)).map_err(|_| EngineError::Arg {
                     op: OP,
@@ -318,33 +302,12 @@ fn attention_backward_on(
             }
         }
         Path::Simple => {
-            if h > 65535 {
-                return Err(EngineError::Arg {
-                    op: OP,
-                    msg: format!("H = {h} must be at most 65535"),
-                });
-            }
-            let f = backend.kernel(Module::AttentionBackward, "attn_bwd_dq_simple")?;
-            // SAFETY: as above; one warp per (query, head).
+            check_grid_yz(OP, &[("H", h)])?;
+            let module = Module::AttentionBackward;
+            // SAFETY: as above; one warp per (query, head), then per (key, kv head).
             unsafe {
-                backend.launch(
-                    &f,
-                    (tq as u32, h as u32, 1),
-                    (32, 1, 1),
-                    0,
-                    &mut params![args],
-                )
-            }?;
-            let f = backend.kernel(Module::AttentionBackward, "attn_bwd_dkdv_simple")?;
-            // SAFETY: as above; one warp per (key, kv head).
-            unsafe {
-                backend.launch(
-                    &f,
-                    (tkv as u32, hkv as u32, 1),
-                    (32, 1, 1),
-                    0,
-                    &mut params![args],
-                )
+                launch_warp_per_row(backend, module, "attn_bwd_dq_simple", [tq, h], &args)?;
+                launch_warp_per_row(backend, module, "attn_bwd_dkdv_simple", [tkv, hkv], &args)
             }?;
         }
     }

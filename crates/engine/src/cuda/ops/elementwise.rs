@@ -75,15 +75,7 @@ fn launch_add(
     let n = n as i64;
     // SAFETY: out, a, b hold n elements of their dtypes (shapes and dtypes checked by the
     // caller); arena memory is 256-byte aligned, so the 16-byte vector accesses are aligned.
-    unsafe {
-        backend.launch(
-            &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &mut params![out, a, b, n],
-        )
-    }?;
+    unsafe { backend.launch_1d(&kernel, grid, BLOCK, &mut params![out, a, b, n]) }?;
     Ok(())
 }
 
@@ -153,15 +145,7 @@ pub(crate) fn scale(backend: &Arc<CudaBackend>, x: &Tensor, s: f32) -> Result<Te
         let kernel = backend.kernel(Module::Elementwise, name)?;
         let n64 = n as i64;
         // SAFETY: out and x hold n elements of one dtype.
-        unsafe {
-            backend.launch(
-                &kernel,
-                (grid, 1, 1),
-                (BLOCK, 1, 1),
-                0,
-                &mut params![po, px, s, n64],
-            )
-        }?;
+        unsafe { backend.launch_1d(&kernel, grid, BLOCK, &mut params![po, px, s, n64]) }?;
     }
     Ok(out)
 }
@@ -187,15 +171,7 @@ pub(crate) fn cast(backend: &Arc<CudaBackend>, x: &Tensor, dtype: DType) -> Resu
         let grid = grid_stride(backend, n, BLOCK);
         let n64 = n as i64;
         // SAFETY: out holds n elements of `dtype`, x n elements of the other dtype.
-        unsafe {
-            backend.launch(
-                &kernel,
-                (grid, 1, 1),
-                (BLOCK, 1, 1),
-                0,
-                &mut params![po, px, n64],
-            )
-        }?;
+        unsafe { backend.launch_1d(&kernel, grid, BLOCK, &mut params![po, px, n64]) }?;
     }
     Ok(out)
 }
@@ -209,15 +185,7 @@ pub(crate) fn softcap_f32(backend: &CudaBackend, ptr: u64, n: usize, cap: f32) -
     let n64 = n as i64;
     let grid = grid_stride(backend, n, BLOCK);
     // SAFETY: the caller's buffer holds n f32.
-    unsafe {
-        backend.launch(
-            &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &mut params![ptr, cap, n64],
-        )
-    }?;
+    unsafe { backend.launch_1d(&kernel, grid, BLOCK, &mut params![ptr, cap, n64]) }?;
     Ok(())
 }
 

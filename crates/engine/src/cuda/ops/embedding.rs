@@ -114,11 +114,10 @@ pub(crate) fn embedding_backward(
     // position in order < T; starts is non-decreasing up to T. The upload returns to the
     // arena only after the launch is queued.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (BACKWARD_BLOCK, 1, 1),
-            0,
+            grid,
+            BACKWARD_BLOCK,
             &mut params![pd, pdy, pu, ps, po, n_uniq64, cols64, scale],
         )
     }?;

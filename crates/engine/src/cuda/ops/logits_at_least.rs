@@ -56,11 +56,10 @@ pub(crate) fn logits_at_least(
     // SAFETY: logits hold B·V f32 and every listed row is below B; args hold 2N words; the
     // output buffer N·(2·slots + 1) words, split as above.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (threads, 1, 1),
-            0,
+            grid,
+            threads,
             &mut params![pl, pa, pc, pi, pv, v64, n32, slots32],
         )
     }?;

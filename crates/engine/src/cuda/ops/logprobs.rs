@@ -368,11 +368,10 @@ impl Operands {
                 // SAFETY: the scratch holds rows·cols logits; state and targets are offset to
                 // the chunk's first token and hold `rows` more entries.
                 unsafe {
-                    backend.launch(
+                    backend.launch_1d(
                         &chunk,
-                        (rows as u32, 1, 1),
-                        (ROW_THREADS, 1, 1),
-                        0,
+                        rows as u32,
+                        ROW_THREADS,
                         &mut params![
                             scratch, ctargets, cm, cs, csl, csuml, cbest, carg, ctgt, vc64, v0u,
                             cap
@@ -480,11 +479,10 @@ impl Operands {
                 // SAFETY: scratch and dz hold ≥ rows·cols elements; targets, g, m and s are
                 // offset to the chunk's first token and hold `rows` more entries.
                 unsafe {
-                    backend.launch(
+                    backend.launch_1d(
                         &grad,
-                        (rows as u32, 1, 1),
-                        (ROW_THREADS, 1, 1),
-                        0,
+                        rows as u32,
+                        ROW_THREADS,
                         &mut params![scratch, dz, ctargets, cg, cm, cs, vc64, v0u, cap],
                     )
                 }?;
@@ -523,11 +521,10 @@ impl Operands {
                 // SAFETY: dh_acc holds rows·C f32 (all written: v ≥ 1 chunk assigned them);
                 // d_hidden rows t0..t0+rows hold rows·C bf16.
                 unsafe {
-                    backend.launch(
+                    backend.launch_1d(
                         &cast,
-                        (grid_stride(backend, n, 256), 1, 1),
-                        (256, 1, 1),
-                        0,
+                        grid_stride(backend, n, 256),
+                        256,
                         &mut params![dst, dh_acc, n64],
                     )
                 }?;
@@ -542,6 +539,7 @@ impl Operands {
 mod tests {
     use super::*;
     use crate::cuda::kernels::compile_without_spills;
+    use crate::test_util::assert_cubin_has_kernels;
 
     /// Compiles the module with ptxas statistics (no GPU needed): every kernel is there and
     /// none spills.
@@ -550,15 +548,6 @@ mod tests {
         let Some(compiled) = compile_without_spills(Module::Logprobs) else {
             return;
         };
-        for name in KERNELS {
-            let needle = [b"\0", name.as_bytes(), b"\0"].concat();
-            assert!(
-                compiled
-                    .cubin
-                    .windows(needle.len())
-                    .any(|w| w == needle.as_slice()),
-                "the CUBIN has no kernel named {name}"
-            );
-        }
+        assert_cubin_has_kernels(&compiled.cubin, KERNELS);
     }
 }

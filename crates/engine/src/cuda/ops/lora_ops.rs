@@ -55,19 +55,9 @@ pub(crate) fn columns(
         return Ok(out);
     }
     let po = any_ptr(OP, "out", &out)?;
-    let kernel = backend.kernel(Module::Lora, pick(dtype, ["columns_bf16", "columns_f32"]))?;
-    let (rows64, width64, col064, n64) = (rows as i64, width as i64, col0 as i64, n as i64);
-    let grid = grid_stride(backend, rows * n, BLOCK);
+    let name = pick(dtype, ["columns_bf16", "columns_f32"]);
     // SAFETY: x holds T·N elements and col0 + n ≤ N (checked by the caller); out T·n.
-    unsafe {
-        backend.launch(
-            &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &mut params![po, px, rows64, width64, col064, n64],
-        )
-    }?;
+    unsafe { launch_columns(backend, name, [po, px], [rows, width, col0, n]) }?;
     Ok(out)
 }
 
@@ -99,17 +89,33 @@ pub(crate) fn add_into_columns(
     }
     let py = any_ptr(OP, "y", y)?;
     let name = pick(dy, ["add_into_columns_bf16", "add_into_columns_f32"]);
+    // SAFETY: y holds T·N elements and col0 + n ≤ N; delta T·n (checked by the caller).
+    unsafe { launch_columns(backend, name, [py, pd], [rows, width, col0, n]) }?;
+    Ok(())
+}
+
+/// Launches a column kernel (`columns_*` or `add_into_columns_*`, which share their
+/// parameters) over the T·n elements of columns col0..col0 + n of a [T, N] matrix.
+///
+/// # Safety
+/// `ptrs` are the kernel's two tensor pointers in its parameter order, one of a [T, N]
+/// matrix and one of a [T, n] slice, in the kernel's dtype, and col0 + n ≤ N.
+unsafe fn launch_columns(
+    backend: &Arc<CudaBackend>,
+    name: &'static str,
+    [p0, p1]: [u64; 2],
+    [rows, width, col0, n]: [usize; 4],
+) -> Result<()> {
     let kernel = backend.kernel(Module::Lora, name)?;
     let (rows64, width64, col064, n64) = (rows as i64, width as i64, col0 as i64, n as i64);
     let grid = grid_stride(backend, rows * n, BLOCK);
-    // SAFETY: y holds T·N elements and col0 + n ≤ N; delta T·n (checked by the caller).
+    // SAFETY: the caller's contract.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &mut params![py, pd, rows64, width64, col064, n64],
+            grid,
+            BLOCK,
+            &mut params![p0, p1, rows64, width64, col064, n64],
         )
     }?;
     Ok(())
@@ -173,11 +179,10 @@ pub(crate) fn dropout_mask(
     let grid = grid_stride(backend, n, BLOCK);
     // SAFETY: out holds n f32.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
+            grid,
+            BLOCK,
             &mut params![po, n64, stream, cut, keep],
         )
     }?;
@@ -205,11 +210,10 @@ pub(crate) fn apply_dropout(
     let grid = grid_stride(backend, n, BLOCK);
     // SAFETY: out and x hold n elements of one dtype.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
+            grid,
+            BLOCK,
             &mut params![po, px, n64, stream, cut, keep],
         )
     }?;

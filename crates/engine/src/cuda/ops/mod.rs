@@ -10,6 +10,7 @@ pub(crate) mod embedding;
 pub(crate) mod linear;
 pub(crate) mod logits_at_least;
 pub(crate) mod logprobs;
+pub(crate) mod lora_fused;
 pub(crate) mod lora_ops;
 pub(crate) mod paged_attention;
 pub(crate) mod rms_norm;

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use super::attention::{check_grid_yz, launch_warp_per_row};
 use super::{bf16_ptr, empty, grid_stride, to_i32};
 use crate::cuda::arena::DeviceBuffer;
 use crate::cuda::device::{CudaBackend, params};
@@ -124,11 +125,10 @@ pub(crate) fn paged_kv_write(
     // k_new and v_new hold T rows of `row` bf16; the slots buffer holds T i32 and lives in
     // the mapping's cache beyond this launch.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (256, 1, 1),
-            0,
+            grid,
+            256,
             &mut params![pk, pv, pk_new, pv_new, ps, t32, row32],
         )
     }?;
@@ -217,12 +217,7 @@ pub(crate) fn paged_attention(
     if tq == 0 || h == 0 || batch == 0 {
         return Ok(AttentionOut { out, lse });
     }
-    if batch > 65535 || hkv > 65535 || h > 65535 {
-        return Err(EngineError::Arg {
-            op: OP,
-            msg: format!("B = {batch}, Hkv = {hkv} and H = {h} must each be at most 65535"),
-        });
-    }
+    check_grid_yz(OP, &[("B", batch), ("Hkv", hkv), ("H", h)])?;
     let meta = layout.device.get(backend, layout.flat())?;
     let base = meta.ptr;
     let mut args = PagedArgs {
@@ -270,17 +265,16 @@ pub(crate) fn paged_attention(
         _ => prefill.is_none(),
     };
     if use_simple {
-        let f = backend.kernel(Module::PagedAttention, "paged_simple")?;
         // SAFETY: PagedArgs mirrors the kernel's struct; q, out, lse hold their shapes'
         // sizes; the layout arrays (validated against the pools by the op) stay alive in the
         // layout's device cache; one warp per (query, head).
         unsafe {
-            backend.launch(
-                &f,
-                (tq as u32, h as u32, 1),
-                (32, 1, 1),
-                0,
-                &mut params![args],
+            launch_warp_per_row(
+                backend,
+                Module::PagedAttention,
+                "paged_simple",
+                [tq, h],
+                &args,
             )
         }?;
         return Ok(AttentionOut { out, lse });

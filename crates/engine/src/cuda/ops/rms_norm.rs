@@ -183,11 +183,10 @@ pub(crate) fn rms_norm_backward(
     let grid = grid_stride(backend, cols, DW_BLOCK);
     // SAFETY: partial holds chunks·C f32, dw C f32.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (DW_BLOCK, 1, 1),
-            0,
+            grid,
+            DW_BLOCK,
             &mut params![pdw, pp, chunks64, cols64],
         )
     }?;

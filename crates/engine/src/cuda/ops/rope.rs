@@ -107,11 +107,10 @@ fn turn_in_place(
     // SAFETY: x holds T·heads·D bf16, pos T u32, freq D/2 f32; the uploads return to the
     // arena only after the launch is queued.
     unsafe {
-        backend.launch(
+        backend.launch_1d(
             &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
+            grid,
+            BLOCK,
             &mut params![px, pp, pf, tokens64, heads32, d32, scaling],
         )
     }?;
@@ -152,26 +151,17 @@ pub(crate) fn rope_qkv_split(
         bf16_ptr(OP, "k", &k)?,
         bf16_ptr(OP, "v", &v)?,
     );
-    let pos = positions.on(backend)?;
-    let freq = rope.device.get(backend, &rope.inv_freq)?;
-    let (pp, pf) = (pos.ptr, freq.ptr);
-    let kernel = backend.kernel(Module::Rope, "rope_qkv_split_bf16")?;
-    let tokens64 = tokens as i64;
-    let heads32 = to_i32(OP, "heads", heads)?;
-    let kv32 = to_i32(OP, "kv_heads", kv_heads)?;
-    let d32 = to_i32(OP, "head_dim", d)?;
-    let scaling = rope.attention_scaling;
-    let grid = grid_stride(backend, tokens * all * d / 2, BLOCK);
-    // SAFETY: qkv holds T·(H+2Hkv)·D bf16; q, k, v their shapes; pos T u32; freq D/2 f32.
+    let dims = [tokens, heads, kv_heads, d];
+    // SAFETY: qkv holds T·(H+2Hkv)·D bf16; q, k, v their shapes.
     unsafe {
-        backend.launch(
-            &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &mut params![
-                pq, pk, pv, pqkv, pp, pf, tokens64, heads32, kv32, d32, scaling
-            ],
+        launch_qkv_split(
+            backend,
+            OP,
+            "rope_qkv_split_bf16",
+            [pq, pk, pv, pqkv],
+            dims,
+            positions,
+            rope,
         )
     }?;
     Ok((q, k, v))
@@ -205,29 +195,63 @@ pub(crate) fn rope_qkv_split_backward(
         return Ok(dqkv);
     }
     let pdqkv = bf16_ptr(OP, "dqkv", &dqkv)?;
-    let pos = positions.on(backend)?;
-    let freq = rope.device.get(backend, &rope.inv_freq)?;
-    let (pp, pf) = (pos.ptr, freq.ptr);
-    let kernel = backend.kernel(Module::Rope, "rope_qkv_split_backward_bf16")?;
-    let tokens64 = tokens as i64;
-    let heads32 = to_i32(OP, "heads", heads)?;
-    let kv32 = to_i32(OP, "kv_heads", kv_heads)?;
-    let d32 = to_i32(OP, "head_dim", d)?;
-    let scaling = rope.attention_scaling;
-    let grid = grid_stride(backend, tokens * all * d / 2, BLOCK);
-    // SAFETY: dqkv holds T·(H+2Hkv)·D bf16; dq, dk, dv their shapes; pos T u32; freq D/2 f32.
+    let dims = [tokens, heads, kv_heads, d];
+    // SAFETY: dqkv holds T·(H+2Hkv)·D bf16; dq, dk, dv their shapes.
     unsafe {
-        backend.launch(
-            &kernel,
-            (grid, 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            &mut params![
-                pdqkv, pdq, pdk, pdv, pp, pf, tokens64, heads32, kv32, d32, scaling
-            ],
+        launch_qkv_split(
+            backend,
+            OP,
+            "rope_qkv_split_backward_bf16",
+            [pdqkv, pdq, pdk, pdv],
+            dims,
+            positions,
+            rope,
         )
     }?;
     Ok(dqkv)
+}
+
+/// Launches one of the fused split kernels (`rope_qkv_split_bf16` or its backward, which
+/// share their parameters after the four tensors) over the T·(H + 2·Hkv)·D/2 rotated pairs,
+/// with the positions and inverse frequencies on the device.
+///
+/// # Safety
+/// `tensors` are the kernel's four bf16 tensor pointers in its parameter order, the packed
+/// one holding T·(H+2Hkv)·D elements and the split ones T·H·D, T·Hkv·D, T·Hkv·D for
+/// `[tokens, heads, kv_heads, d]`; `positions` and `rope` passed [`check_rope`].
+unsafe fn launch_qkv_split(
+    backend: &Arc<CudaBackend>,
+    op: &'static str,
+    kernel_name: &'static str,
+    tensors: [u64; 4],
+    [tokens, heads, kv_heads, d]: [usize; 4],
+    positions: &Indices,
+    rope: &Rope,
+) -> Result<()> {
+    let [p0, p1, p2, p3] = tensors;
+    let pos = positions.on(backend)?;
+    let freq = rope.device.get(backend, &rope.inv_freq)?;
+    let (pp, pf) = (pos.ptr, freq.ptr);
+    let kernel = backend.kernel(Module::Rope, kernel_name)?;
+    let tokens64 = tokens as i64;
+    let heads32 = to_i32(op, "heads", heads)?;
+    let kv32 = to_i32(op, "kv_heads", kv_heads)?;
+    let d32 = to_i32(op, "head_dim", d)?;
+    let scaling = rope.attention_scaling;
+    let all = heads + 2 * kv_heads;
+    let grid = grid_stride(backend, tokens * all * d / 2, BLOCK);
+    // SAFETY: the caller's contract for the four tensors; pos holds T u32 and freq D/2 f32.
+    unsafe {
+        backend.launch_1d(
+            &kernel,
+            grid,
+            BLOCK,
+            &mut params![
+                p0, p1, p2, p3, pp, pf, tokens64, heads32, kv32, d32, scaling
+            ],
+        )
+    }?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -221,6 +221,7 @@ mod tests {
     use crate::cuda::kernels::compile_without_spills;
     use crate::ops::MAX_TOP_K;
     use crate::test_util::Rng;
+    use crate::test_util::assert_cubin_has_kernels;
 
     #[test]
     fn plan_list_lengths_and_slices() {
@@ -597,15 +598,6 @@ mod tests {
         let Some(compiled) = compile_without_spills(Module::TopK) else {
             return;
         };
-        for name in KERNELS {
-            let needle = [b"\0", name.as_bytes(), b"\0"].concat();
-            assert!(
-                compiled
-                    .cubin
-                    .windows(needle.len())
-                    .any(|w| w == needle.as_slice()),
-                "the CUBIN has no kernel named {name}"
-            );
-        }
+        assert_cubin_has_kernels(&compiled.cubin, KERNELS);
     }
 }
