@@ -13,6 +13,7 @@
 // Copies move raw elements (no conversion); arithmetic happens in f32, stored back in the
 // tensor's type. Every kernel is a grid-stride loop, so any grid size covers any length.
 #include "common.cuh"
+#include "dropout.cuh"
 
 __device__ __forceinline__ float load_f32(const bf16 *p, i64 i) { return bf16_to_f32(p[i]); }
 __device__ __forceinline__ float load_f32(const float *p, i64 i) { return p[i]; }
@@ -105,21 +106,6 @@ extern "C" __global__ void transpose_bf16(bf16 *out, const bf16 *x, i64 rows, i6
 
 extern "C" __global__ void transpose_f32(float *out, const float *x, i64 rows, i64 cols) {
     transpose_impl(out, x, rows, cols);
-}
-
-// SplitMix64's finaliser (Steele, Lea & Flood), the CPU's `dropout_hash`: unsigned 64-bit
-// arithmetic wraps, as Rust's wrapping_add / wrapping_mul do.
-__device__ __forceinline__ u64 dropout_hash(u64 z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-// The multiplier of element i: keep (1 / (1 − p)) when the hash is at or above cut (p·2⁶⁴),
-// else 0.
-__device__ __forceinline__ float dropout_multiplier(u64 key, u64 cut, float keep, i64 i) {
-    return dropout_hash(key ^ (u64)i) >= cut ? keep : 0.0f;
 }
 
 extern "C" __global__ void dropout_mask_f32(float *out, i64 n, u64 key, u64 cut, float keep) {

@@ -4,23 +4,10 @@
 //     dx[i] += term[i] · m_i,   term = du · A (a bf16 temporary), m the dropout mask,
 //
 // with m_i = keep when mix(key ^ i) ≥ cut, else 0: the counter-based mask of ops::lora_ops
-// (kernels/lora.cu draws the same bits; the host derives key, cut and keep from the
+// (kernels/dropout.cuh, shared with lora.cu; the host derives key, cut and keep from the
 // DropoutKey). One read of dx and term, one write of dx, one bf16 rounding.
 #include "common.cuh"
-
-// SplitMix64's finaliser: identical to `dropout_hash` in lora.cu and ops::lora_ops (a module
-// is compiled on its own, so it cannot share lora.cu's copy). Unsigned 64-bit arithmetic
-// wraps, as Rust's wrapping_add / wrapping_mul do.
-__device__ __forceinline__ u64 dropout_hash(u64 z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-__device__ __forceinline__ float dropout_multiplier(u64 key, u64 cut, float keep, i64 i) {
-    return dropout_hash(key ^ (u64)i) >= cut ? keep : 0.0f;
-}
+#include "dropout.cuh"
 
 // dx, term: [n] bf16, distinct buffers. Each element is read and written by one thread.
 // 16-byte vectors of 8 when both pointers allow them (arena buffers always do), then the

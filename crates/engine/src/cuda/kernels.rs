@@ -13,6 +13,8 @@ pub(crate) const HEADERS: &[(&str, &str)] = &[
         "attention_tile.cuh",
         include_str!("../../kernels/attention_tile.cuh"),
     ),
+    // The counter-based dropout mask of lora.cu and lora_fused.cu.
+    ("dropout.cuh", include_str!("../../kernels/dropout.cuh")),
 ];
 
 /// A CUDA module: one `kernels/<name>.cu` file.
