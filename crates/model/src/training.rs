@@ -48,6 +48,8 @@ pub struct LoraTape {
     /// Every layer's intermediates, when the forward kept them (else empty: recompute).
     layer_tapes: Vec<LayerTape>, // [L] or []
     x_final: Tensor,           // [T, C], before the final norm
+    /// The final-normed hidden rows that were scored (the LM head's input).
+    selected: Tensor, // [N, C]
     head: Option<HeadTape>,
     embed_u: Option<Tensor>, // [T, R]: Aᵀ[ids] of the embedding's pair
     dropout: Dropout,
@@ -94,8 +96,8 @@ impl Model {
         let ctx = self.ctx(&pos, &layout);
         let mut x = self.embed(&batch.ids)?; // [T, C]
         let mut embed_u = None;
-        if let Some(pair) = lora.and_then(|l| l.embed.as_ref()) {
-            let s = lora.map_or(1.0, |l| l.spec.scaling());
+        if let Some((pair, s)) = lora.and_then(|l| l.embed.as_ref().map(|p| (p, l.spec.scaling())))
+        {
             let u = ops::embedding_indices(&ops::transpose(&pair.a)?, &ids, 1.0)?; // [T, R]
             let delta = ops::linear(&u, &pair.b, None)?; // [T, C]
             ops::add_inplace(&mut x, &ops::scale(&delta, s * self.embed_scale())?)?;
@@ -115,7 +117,12 @@ impl Model {
             let (out, _) =
                 layer.forward_normed(&ctx, &x, h, None, None, lora_ctx.as_ref(), tape.as_mut())?;
             layer_tapes.extend(tape);
-            layer_inputs.push(std::mem::replace(&mut x, out));
+            let input = std::mem::replace(&mut x, out);
+            // Without an adapter (the reference pass) nothing will be back-propagated: the
+            // layer inputs are dropped as the forward goes.
+            if lora.is_some() {
+                layer_inputs.push(input);
+            }
         }
         let hidden = ctx.norm(&x, &self.norm)?;
         let selected = self.select_rows(&hidden, &batch.rows)?; // [N, C]
@@ -145,6 +152,7 @@ impl Model {
                 layer_inputs,
                 layer_tapes,
                 x_final: x,
+                selected,
                 head,
                 embed_u,
                 dropout,
@@ -183,17 +191,23 @@ impl Model {
             layer_inputs,
             layer_tapes,
             x_final,
+            selected,
             head,
             embed_u,
             dropout,
         } = tape;
+        if layer_inputs.len() != self.layers.len() {
+            return Err(ModelError::Input {
+                what: "lora_backward",
+                msg: "the tape is from a forward without an adapter (the reference pass), \
+                      which keeps nothing to back-propagate through"
+                    .into(),
+            });
+        }
         let mut kept: Vec<Option<LayerTape>> = layer_tapes.into_iter().map(Some).collect();
         kept.resize_with(self.layers.len(), || None);
 
         // LM head and final norm.
-        let hidden = self.final_norm(&x_final)?;
-        let selected = self.select_rows(&hidden, &batch.rows)?; // [N, C]
-        drop(hidden);
         let low_rank = match (&head, &lora.lm_head) {
             (Some(h), Some(pair)) => Some(LowRank {
                 u: &h.u,

@@ -39,7 +39,7 @@ fn check_case(dir: &Path) {
             "{name} row {i}: log p with the adapter {got}, PEFT {want}"
         );
     }
-    let (reference, _) = model.lora_forward(&batch, None, Dropout::Off).unwrap();
+    let (reference, reference_tape) = model.lora_forward(&batch, None, Dropout::Off).unwrap();
     for (i, (got, want)) in reference
         .logp
         .iter()
@@ -53,6 +53,18 @@ fn check_case(dir: &Path) {
     }
 
     let weights: Vec<f32> = f64s(&case["weights"]).iter().map(|&w| w as f32).collect();
+    // The reference pass keeps nothing to back-propagate through: refused, not a panic.
+    let err = model
+        .lora_backward(
+            &batch,
+            &lora,
+            reference_tape,
+            &weights,
+            &mut lora.zeros_like(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("without an adapter"), "{name}: {err}");
     let mut grads = lora.zeros_like();
     model
         .lora_backward(&batch, &lora, tape, &weights, &mut grads)

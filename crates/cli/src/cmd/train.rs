@@ -85,8 +85,8 @@ pub struct Args {
     /// keep_start or keep_end.
     #[arg(long)]
     truncation_mode: Option<String>,
-    /// A template with {question} applied to every prompt, or `reference` for the reference
-    /// workflow's `###질문:\n{question}\n\n###답변:\n`.
+    /// A template with {question} applied to every prompt, `reference` for the reference
+    /// workflow's `###질문:\n{question}\n\n###답변:\n`, or `none` (overrides --config's).
     #[arg(long, value_name = "TEMPLATE")]
     prompt_wrapper: Option<String>,
     #[arg(long)]
@@ -320,19 +320,12 @@ fn config(args: &Args) -> Result<TrainConfig> {
             .map_err(|e| anyhow::anyhow!("--loss-type: {e}"))?;
     }
     if let Some(w) = &args.prompt_wrapper {
-        c.prompt_wrapper = Some(match w.as_str() {
-            "reference" => REFERENCE_WRAPPER.to_string(),
-            "none" => {
-                c.prompt_wrapper = None;
-                return finish(c, args);
-            }
-            other => other.to_string(),
-        });
+        c.prompt_wrapper = match w.as_str() {
+            "reference" => Some(REFERENCE_WRAPPER.to_string()),
+            "none" => None,
+            other => Some(other.to_string()),
+        };
     }
-    finish(c, args)
-}
-
-fn finish(mut c: TrainConfig, args: &Args) -> Result<TrainConfig> {
     if let Some(dir) = &args.init_adapter {
         c.init_adapter = Some(dir.clone());
     }

@@ -43,11 +43,13 @@ pub(crate) fn micro_batch(
         None => Checkpointing::Recompute,
     };
     let (policy, tape) = model.lora_forward_with(&batch, Some(lora), dropout, checkpointing)?;
+    // Evaluation frees the policy's layer inputs before the reference pass runs.
+    let tape = grads.as_ref().map(|_| tape);
     let (reference, _) = model.lora_forward(&batch, None, Dropout::Off)?;
     let rows = ScoredRows::new(&packed, &batch.targets);
     let pairs = rows.pair_batch(&packed, &policy, &reference, ld_alpha);
     let out = loss.compute(&pairs)?;
-    if let Some((grads, scale)) = grads {
+    if let (Some((grads, scale)), Some(tape)) = (grads, tape) {
         let d_logp: Vec<f32> = (0..rows.seq.len())
             .map(|i| {
                 let (pair, chosen) = rows.side(i);
